@@ -1,0 +1,124 @@
+"""Safe model files: weights as safetensors, configuration as JSON, both written atomically.
+
+Nothing here ever unpickles. A `.ckpt` / `.pt` file from elsewhere is a pickle: loading one can run
+arbitrary code, so it is refused with a message that says how to convert it on a machine you trust.
+
+Atomic writes: the bytes go to a temporary file in the same folder, are flushed and fsync'ed, and the
+file is renamed over the target. A rename within one folder is atomic, so a reader (or a crash) sees
+either the old file or the new one, whole.
+
+Depends on safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+PICKLE_HELP = (
+    "minildm never unpickles files, because unpickling can run arbitrary code. If you trust the file, "
+    "convert it once on that machine: `sd = torch.load(path, weights_only=True)` then "
+    "`safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')`."
+)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is always either the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # fsync the folder too, so the rename itself survives a power cut.
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some filesystems (and Windows) cannot fsync a folder
+        pass
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a JSON file at {path}, but there is none")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file may be truncated or corrupted") from e
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save a state dict as safetensors, atomically. Tensors are copied to CPU and made contiguous."""
+    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    atomic_write_bytes(path, safetensors_save(cpu))
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save writes a zip archive ("PK") holding a pickle; older files are a bare pickle (0x80).
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file into CPU tensors, with a clear error for missing, pickle or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a safetensors weights file at {path}, but there is none")
+    data = path.read_bytes()
+    if _looks_like_pickle(data[:8]) or path.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
+        raise ValueError(f"refusing to load {path}: it is not a safetensors file but a pickle. {PICKLE_HELP}")
+    try:
+        return safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted"
+        ) from e
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
+    """Compare names, shapes and dtypes; report every mismatch in one ValueError."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else "")
+        )
+    for name in sorted(set(expected) & set(found)):
+        e, f = expected[name], found[name]
+        if e.shape != f.shape:
+            problems.append(f"{name}: expected shape {tuple(e.shape)}, found {tuple(f.shape)}")
+        elif e.dtype != f.dtype:
+            problems.append(f"{name}: expected dtype {e.dtype}, found {f.dtype}")
+    if problems:
+        raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
+
+
+def load_module_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load safetensors weights into `module` after checking every name, shape and dtype."""
+    state = load_weights(path)
+    check_state_dict(module.state_dict(), state, str(path))
+    module.load_state_dict(state)

@@ -1,0 +1,119 @@
+"""A small convolutional classifier, the measuring stick for samples.
+
+It reads the shape of a ShapesDataset image, or the digit of an MNIST image, and its penultimate
+layer is the feature space of the "domain FID" (Inception weights cannot be downloaded here, and an
+ImageNet network means little on 28x28 grayscale digits anyway).
+
+    image (B, C, H, W) -> 2 x [conv3x3, ReLU, conv3x3, ReLU, maxpool] -> global mean -> features (B, F)
+                       -> linear -> logits (B, num_classes)
+
+Depends on checkpoint.py only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json, load_module_weights, read_json, save_weights
+
+
+@dataclass
+class ClassifierConfig:
+    in_channels: int = 1
+    num_classes: int = 10
+    width: int = 32
+    feature_dim: int = 128
+    class_names: list[str] = field(default_factory=list)
+
+
+class SmallClassifier(nn.Module):
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.conv1 = nn.Conv2d(config.in_channels, w, 3, padding=1)
+        self.conv2 = nn.Conv2d(w, w, 3, padding=1)
+        self.conv3 = nn.Conv2d(w, 2 * w, 3, padding=1)
+        self.conv4 = nn.Conv2d(2 * w, 2 * w, 3, padding=1)
+        self.fc = nn.Linear(2 * w, config.feature_dim)
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, feature_dim), used by the domain FID."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.max_pool2d(x, 2)  # (B, w, H, W) -> (B, w, H/2, W/2)
+        x = F.relu(self.conv4(F.relu(self.conv3(x))))
+        x = F.max_pool2d(x, 2)  # (B, 2w, H/2, W/2) -> (B, 2w, H/4, W/4)
+        x = x.mean(dim=(2, 3))  # (B, 2w, H/4, W/4) -> (B, 2w)
+        return F.relu(self.fc(x))  # (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Class indices (N,) for images (N, C, H, W), in the same value range the model was trained on."""
+        was_training = self.training
+        self.eval()
+        out = [self(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        return (self.predict(images) == labels.to(images.device)).float().mean().item()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self.state_dict(), directory / "classifier.safetensors")
+        atomic_write_json(directory / "classifier.json", asdict(self.config))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SmallClassifier:
+        directory = Path(directory)
+        model = cls(ClassifierConfig(**read_json(directory / "classifier.json")))
+        load_module_weights(model, directory / "classifier.safetensors")
+        return model.eval()
+
+
+def train_classifier(
+    model: SmallClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train with AdamW on random batches; returns the loss of every step. images (N, C, H, W)."""
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+        idx = torch.randint(0, len(images), (batch_size,), generator=generator)
+        loss = F.cross_entropy(model(images[idx]), labels[idx].to(images.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
