@@ -1,0 +1,226 @@
+"""AutoencoderKL: the perceptual compression stage of the LDM paper (Rombach et al. 2022, section 3.1).
+
+The encoder E maps an image x (B, 3, H, W) to a diagonal Gaussian q(z | x) over latents z of shape
+(B, c, H/f, W/f), with downsampling factor f = 2^(levels - 1); the decoder D maps z back. Diffusion then
+runs on z instead of x: f² times fewer positions, which is the whole point of the paper.
+
+Training loss (section 3.1 and appendix G), written out in `training_loss`:
+
+    L = |x - D(z)|_1  +  kl_weight * KL(q(z|x) || N(0, I))  [+ adversarial term, discriminator.py]
+
+The paper adds an LPIPS perceptual loss; LPIPS needs pretrained VGG weights, which cannot be downloaded
+here, so minildm uses L1 alone (plus the optional patch discriminator). On small flat images L1 is enough.
+
+Scaling factor (appendix G): the diffusion model wants latents of unit variance, so latents are
+multiplied by scaling_factor = 1 / std(z) estimated on training data. Stable Diffusion's 0.18215 is
+exactly this number for its autoencoder. It is stored in the config and saved with the model.
+
+Notation: f downsampling factor, c latent_channels. Layout and names follow diffusers' AutoencoderKL
+(encoder.down_blocks.0.resnets.0, quant_conv, post_quant_conv, decoder.up_blocks...).
+Depends on resnet.py and attention.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per level: f = 2^(levels - 1)
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    scaling_factor: float = 1.0  # set from data by estimate_scaling_factor()
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        if not 1 <= len(self.block_out_channels) <= 4:
+            raise ValueError(f"block_out_channels needs 1 to 4 levels (f = 1, 2, 4 or 8), "
+                             f"got {self.block_out_channels}")
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups != 0:
+                raise ValueError(f"block_out_channels entries must divide by norm_num_groups={self.norm_num_groups}, "
+                                 f"got {ch}")
+        if self.layers_per_block < 1 or self.latent_channels < 1 or self.in_channels < 1:
+            raise ValueError("layers_per_block, latent_channels and in_channels must be at least 1")
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def for_factor(cls, f: int, in_channels: int = 3, latent_channels: int = 4, width: int = 32) -> AutoencoderConfig:
+        """A small autoencoder with downsampling factor f in {1, 2, 4, 8}; channels double after the first level."""
+        levels = {1: 1, 2: 2, 4: 3, 8: 4}
+        if f not in levels:
+            raise ValueError(f"downsampling factor f must be one of 1, 2, 4, 8, got {f}")
+        channels = tuple(width * min(2**level, 2) for level in range(levels[f]))
+        return cls(in_channels=in_channels, latent_channels=latent_channels, block_out_channels=channels)
+
+
+class DiagonalGaussianDistribution:
+    """q(z | x) = N(mean, diag(exp(logvar))), from the encoder's (B, 2c, h, w) output."""
+
+    def __init__(self, parameters: torch.Tensor):
+        self.mean, logvar = parameters.chunk(2, dim=1)  # (B, 2c, h, w) -> 2 x (B, c, h, w)
+        self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * ε, ε ~ N(0, I) (the reparameterisation trick, Kingma & Welling 2014)."""
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(N(μ, σ²) || N(0, 1)) = ½ Σ (μ² + σ² - 1 - log σ²), summed over (c, h, w): (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class VAEMidBlock(nn.Module):
+    """ResNet, single-head self-attention over all h*w positions, ResNet: the one place the AE sees globally."""
+
+    def __init__(self, channels: int, norm_num_groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, norm_num_groups) for _ in range(2)])
+        self.attention_norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.attention = Attention(channels, None, heads=1, dim_head=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        B, C, H, W = x.shape
+        h = self.attention_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        h = self.attention(h).transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W)
+        return self.resnets[1](x + h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        channels = c.block_out_channels
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        in_ch = channels[0]
+        for level, out_ch in enumerate(channels):
+            block = nn.Module()
+            block.resnets = nn.ModuleList(
+                [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, c.norm_num_groups)
+                 for i in range(c.layers_per_block)]
+            )
+            block.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if level < len(channels) - 1 else [])
+            self.down_blocks.append(block)
+            in_ch = out_ch
+        self.mid_block = VAEMidBlock(channels[-1], c.norm_num_groups)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * c.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)  # (B, 3, H, W) -> (B, C0, H, W)
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                x = resnet(x)
+            for downsampler in block.downsamplers:
+                x = downsampler(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2c, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        channels = tuple(reversed(c.block_out_channels))
+        self.conv_in = nn.Conv2d(c.latent_channels, channels[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(channels[0], c.norm_num_groups)
+        self.up_blocks = nn.ModuleList()
+        in_ch = channels[0]
+        for level, out_ch in enumerate(channels):
+            block = nn.Module()
+            # One more ResNet than the encoder per level, as in Stable Diffusion's decoder.
+            block.resnets = nn.ModuleList(
+                [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, c.norm_num_groups)
+                 for i in range(c.layers_per_block + 1)]
+            )
+            block.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if level < len(channels) - 1 else [])
+            self.up_blocks.append(block)
+            in_ch = out_ch
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], c.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)  # (B, c, h, w) -> (B, C_last, h, w)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                x = resnet(x)
+            for upsampler in block.upsamplers:
+                x = upsampler(x)  # (B, C, h, w) -> (B, C, 2h, 2w)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: AutoencoderConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else AutoencoderConfig()
+        c = self.config
+        self.encoder = Encoder(c)
+        self.decoder = Decoder(c)
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """x (B, C, H, W) in [-1, 1] -> q(z | x) over latents (B, c, H/f, W/f). Latents are *not* scaled here."""
+        c = self.config
+        f = c.downsampling_factor
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"expected images of shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image height and width must be multiples of the downsampling factor f={f}, "
+                             f"got {tuple(x.shape[2:])}")
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, c, h, w) -> images (B, C, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
+            c = self.config.latent_channels
+            raise ValueError(f"expected latents of shape (B, {c}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None):
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
+
+    def training_loss(self, x: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None):
+        """L1 reconstruction + kl_weight * KL, both per image; returns (loss, reconstruction, parts dict)."""
+        posterior = self.encode(x)
+        reconstruction = self.decode(posterior.sample(generator))
+        rec_loss = (x - reconstruction).abs().mean()  # |x - D(z)|_1 per pixel
+        kl_loss = posterior.kl().mean() / x[0].numel()  # KL per pixel, so kl_weight does not depend on image size
+        loss = rec_loss + kl_weight * kl_loss
+        return loss, reconstruction, {"reconstruction": rec_loss.detach(), "kl": kl_loss.detach()}
+
+    @torch.no_grad()
+    def estimate_scaling_factor(self, images: torch.Tensor, batch_size: int = 256) -> float:
+        """1 / std of posterior samples over `images` (appendix G); sets config.scaling_factor and returns it."""
+        batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        latents = torch.cat([self.encode(batch).sample() for batch in batches])  # (N, c, h, w)
+        self.config.scaling_factor = float(1.0 / latents.flatten().std())
+        return self.config.scaling_factor

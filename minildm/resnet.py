@@ -1,0 +1,68 @@
+"""ResNet blocks and resampling layers shared by the UNet and the autoencoder.
+
+ResnetBlock2D (Ho et al. 2020, appendix B; as in Stable Diffusion):
+
+    h = conv1(SiLU(GroupNorm(x)))
+    h = h + Linear(SiLU(t_emb))[:, :, None, None]      # time injection (UNet only)
+    h = conv2(Dropout(SiLU(GroupNorm(h))))
+    out = shortcut(x) + h                               # 1x1 conv when channels change
+
+GroupNorm instead of BatchNorm because diffusion batches mix very different noise levels, and the
+statistics of one batch say little about the next. Depends on torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None = None,
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_in, H, W) -> (B, C_out, H, W)
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out) -> (B, C_out, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """Halve H and W with a stride-2 convolution (learned, unlike pooling)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Double H and W: nearest-neighbour upsampling then a 3x3 convolution (no checkerboard artefacts)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(x)

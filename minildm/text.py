@@ -1,0 +1,140 @@
+"""The prompt side: a word-level tokenizer and a small transformer text encoder τ_θ.
+
+The LDM paper's text-to-image model trains its text encoder from scratch, jointly with the UNet
+(Rombach et al. 2022, section 4.3.1: "a BERT-tokenizer and ... a transformer to infer a latent code
+which is mapped into the UNet via (multi-head) cross-attention"). Stable Diffusion later swapped in
+a frozen CLIP encoder; a from-scratch encoder is what fits a laptop and a vocabulary of 30 words.
+
+    prompt -> Tokenizer -> ids (B, L) -> token + position embeddings (B, L, D)
+           -> num_layers x [pre-norm self-attention, pre-norm MLP] -> LayerNorm -> (B, L, D)
+
+The empty prompt "" encodes to <bos> <eos> <pad>...: the unconditional input for classifier-free
+guidance (Ho & Salimans 2022). Depends on attention.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+
+
+def split_words(text: str) -> list[str]:
+    """Lowercase words and punctuation marks: "Top left: a RED circle" -> ["top", "left", ":", "a", "red", "circle"]."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+class Tokenizer:
+    """Word-level tokenizer with a vocabulary built from training captions."""
+
+    def __init__(self, vocab: list[str], max_length: int = 16):
+        if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
+            raise ValueError(f"vocab must start with the special tokens {SPECIAL_TOKENS}, got {vocab[:4]}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("vocab has duplicate entries")
+        if max_length < 3:
+            raise ValueError(f"max_length must be at least 3 (<bos>, one word, <eos>), got {max_length}")
+        self.vocab = list(vocab)
+        self.max_length = max_length
+        self.token_to_id = {token: i for i, token in enumerate(self.vocab)}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.token_to_id[t] for t in SPECIAL_TOKENS)
+
+    @classmethod
+    def from_captions(cls, captions: list[str], max_length: int | None = None) -> Tokenizer:
+        """Every word seen in `captions`, sorted; max_length defaults to the longest caption plus <bos>/<eos>."""
+        words = sorted({word for caption in captions for word in split_words(caption)})
+        longest = max((len(split_words(c)) for c in captions), default=1)
+        return cls(list(SPECIAL_TOKENS) + words, max_length if max_length is not None else longest + 2)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, text: str) -> list[str]:
+        """Words of `text`, unknown ones replaced by <unk>, wrapped in <bos> ... <eos> and truncated."""
+        if not isinstance(text, str):
+            raise TypeError(f"prompts must be strings, got {type(text).__name__}")
+        words = [w if w in self.token_to_id else UNK for w in split_words(text)]
+        return [BOS] + words[: self.max_length - 2] + [EOS]
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        """Token ids (B, max_length), padded with <pad>."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = self.tokenize(text)
+            ids[row, : len(tokens)] = torch.tensor([self.token_to_id[t] for t in tokens])
+        return ids
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.vocab[i] for i in ids.tolist()]
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int
+    max_length: int = 16
+    hidden_size: int = 128  # = the UNet's cross_attention_dim
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+class TextEncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, None, heads, dim // heads)
+        self.layer_norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))  # (B, L, D)
+        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x))))
+
+
+class TextEncoder(nn.Module):
+    """τ_θ: prompts -> (B, L, D) hidden states. Holds its tokenizer so prompts go in as strings."""
+
+    def __init__(self, config: TextEncoderConfig, tokenizer: Tokenizer):
+        super().__init__()
+        if config.vocab_size != len(tokenizer) or config.max_length != tokenizer.max_length:
+            raise ValueError(f"config (vocab_size={config.vocab_size}, max_length={config.max_length}) does not match "
+                             f"the tokenizer (vocab {len(tokenizer)}, max_length {tokenizer.max_length})")
+        if config.hidden_size % config.num_heads != 0:
+            raise ValueError(f"hidden_size={config.hidden_size} must divide by num_heads={config.num_heads}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_length, config.hidden_size)
+        self.layers = nn.ModuleList([TextEncoderLayer(config.hidden_size, config.num_heads)
+                                     for _ in range(config.num_layers)])
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size)
+
+    @classmethod
+    def from_captions(cls, captions: list[str], hidden_size: int = 128, num_layers: int = 2,
+                      num_heads: int = 4) -> TextEncoder:
+        tokenizer = Tokenizer.from_captions(captions)
+        config = TextEncoderConfig(len(tokenizer), tokenizer.max_length, hidden_size, num_layers, num_heads)
+        return cls(config, tokenizer)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.ndim != 2 or input_ids.shape[1] != self.config.max_length:
+            raise ValueError(f"input_ids must have shape (B, {self.config.max_length}), got {tuple(input_ids.shape)}")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)  # (B, L, D)
+
+    def encode(self, prompts: list[str] | str) -> torch.Tensor:
+        """Prompts (strings) -> encoder_hidden_states (B, L, D) on this module's device."""
+        return self(self.tokenizer(prompts).to(self.token_embedding.weight.device))

@@ -1,0 +1,250 @@
+"""The denoising UNet ε_θ(z_t, t, τ_θ(y)) of the LDM paper (Rombach et al. 2022, section 3.3).
+
+    sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, L, D_text)
+      -> conv_in -> down_blocks (ResNet [+ spatial transformer], downsample)   ── skips ──┐
+      -> mid_block (ResNet, spatial transformer, ResNet)                                  │
+      -> up_blocks (concat skip, ResNet [+ spatial transformer], upsample)  <─────────────┘
+      -> GroupNorm, SiLU, conv_out -> (B, C, h, w)
+
+The timestep enters every ResNet block through a sinusoidal embedding (Vaswani et al. 2017, as in
+Ho et al. 2020) and an MLP; the text enters the spatial transformers through cross-attention
+(attention.py). Sub-module names follow Stable Diffusion's UNet in diffusers (down_blocks.0.resnets.1,
+down_blocks.1.attentions.0.transformer_blocks.0.attn2, ...) so its weights load by renaming keys.
+
+Depends on attention.py and resnet.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, Transformer2DModel
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (64, 128)
+    attention_levels: tuple[bool, ...] = (False, True)  # a spatial transformer at this level?
+    layers_per_block: int = 1
+    cross_attention_dim: int | None = 128  # width of the text encoder's tokens; None = unconditional
+    attention_head_dim: int = 32
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.attention_levels = tuple(self.attention_levels)
+        if len(self.block_out_channels) != len(self.attention_levels):
+            raise ValueError(
+                f"attention_levels needs one entry per level: {len(self.block_out_channels)} levels in "
+                f"block_out_channels={self.block_out_channels}, got attention_levels={self.attention_levels}"
+            )
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups != 0:
+                raise ValueError(f"block_out_channels entries must divide by norm_num_groups={self.norm_num_groups}, "
+                                 f"got {ch}")
+            if ch % self.attention_head_dim != 0:
+                raise ValueError(f"block_out_channels entries must divide by attention_head_dim="
+                                 f"{self.attention_head_dim}, got {ch}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
+
+    @classmethod
+    def tiny(cls, in_channels: int = 4, cross_attention_dim: int | None = 128) -> UNetConfig:
+        """About 1.5M parameters: the latent UNet of the CPU demo (8x8x4 latents)."""
+        return cls(in_channels=in_channels, out_channels=in_channels, block_out_channels=(64, 128),
+                   attention_levels=(False, True), cross_attention_dim=cross_attention_dim)
+
+    @classmethod
+    def sd_shaped(cls, in_channels: int = 4, cross_attention_dim: int | None = 256) -> UNetConfig:
+        """Stable Diffusion's layout (4 levels, 2 ResNets per level, attention at the first three) at reduced width."""
+        return cls(in_channels=in_channels, out_channels=in_channels, block_out_channels=(64, 128, 256, 256),
+                   attention_levels=(True, True, True, False), layers_per_block=2,
+                   cross_attention_dim=cross_attention_dim, attention_head_dim=32)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding: [cos(t ω_k), sin(t ω_k)] with ω_k = max_period^(-k / (dim/2)), k = 0 .. dim/2 - 1.
+
+    (Vaswani et al. 2017 sec. 3.5, cos first as in Stable Diffusion.) timesteps (B,) -> (B, dim).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    angles = timesteps.float()[:, None] * exponent.exp()[None, :]  # (B, 1) * (1, half) -> (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class DownBlock(nn.Module):
+    """`layers_per_block` ResNets (each followed by a spatial transformer at attention levels), then downsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig, has_attention: bool,
+                 downsample: bool):
+        super().__init__()
+        c = config
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, c.norm_num_groups, c.dropout)
+             for i in range(c.layers_per_block)]
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(out_ch, out_ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
+                                c.transformer_layers_per_block, c.norm_num_groups)
+             for _ in range(c.layers_per_block if has_attention else 0)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if downsample else [])
+
+    def forward(self, x, temb, encoder_hidden_states):
+        """Returns the output and every intermediate feature map the up path will concatenate."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if len(self.attentions) > 0:
+                x = self.attentions[i](x, encoder_hidden_states)
+            skips.append(x)
+        for downsampler in self.downsamplers:
+            x = downsampler(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """`layers_per_block + 1` ResNets, each fed the previous output concatenated with one skip, then upsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, skip_channels: list[int], temb_ch: int, config: UNetConfig,
+                 has_attention: bool, upsample: bool):
+        super().__init__()
+        c = config
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D((in_ch if i == 0 else out_ch) + skip_ch, out_ch, temb_ch, c.norm_num_groups, c.dropout)
+             for i, skip_ch in enumerate(skip_channels)]
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(out_ch, out_ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
+                                c.transformer_layers_per_block, c.norm_num_groups)
+             for _ in range(len(skip_channels) if has_attention else 0)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
+
+    def forward(self, x, skips, temb, encoder_hidden_states):
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C, H, W) + (B, C_skip, H, W) -> (B, C + C_skip, H, W)
+            x = resnet(x, temb)
+            if len(self.attentions) > 0:
+                x = self.attentions[i](x, encoder_hidden_states)
+        for upsampler in self.upsamplers:
+            x = upsampler(x)  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, temb_ch: int, config: UNetConfig):
+        super().__init__()
+        c = config
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, c.norm_num_groups, c.dropout) for _ in range(2)])
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(ch, ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
+                                c.transformer_layers_per_block, c.norm_num_groups)]
+        )
+
+    def forward(self, x, temb, encoder_hidden_states):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, encoder_hidden_states)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config if config is not None else UNetConfig()
+        channels = c.block_out_channels
+        time_embed_dim = channels[0] * 4
+        last = len(channels) - 1
+
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+
+        # The down path: remember the channel count of every feature map handed to the up path.
+        skip_channels = [channels[0]]  # conv_in's output is the first skip
+        self.down_blocks = nn.ModuleList()
+        in_ch = channels[0]
+        for level, out_ch in enumerate(channels):
+            has_attention, downsample = c.attention_levels[level], level < last
+            self.down_blocks.append(DownBlock(in_ch, out_ch, time_embed_dim, c, has_attention, downsample))
+            skip_channels += [out_ch] * c.layers_per_block + ([out_ch] if level < last else [])
+            in_ch = out_ch
+
+        self.mid_block = MidBlock(channels[-1], time_embed_dim, c)
+
+        # The up path mirrors it: each level takes layers_per_block + 1 skips, the newest first.
+        self.up_blocks = nn.ModuleList()
+        in_ch = channels[-1]
+        for level, out_ch in reversed(list(enumerate(channels))):
+            taken = [skip_channels.pop() for _ in range(c.layers_per_block + 1)]
+            has_attention, upsample = c.attention_levels[level], level > 0
+            self.up_blocks.append(UpBlock(in_ch, out_ch, taken, time_embed_dim, c, has_attention, upsample))
+            in_ch = out_ch
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        self._check_inputs(sample, encoder_hidden_states)
+        B = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=sample.device)
+        timestep = timestep.to(sample.device).reshape(-1).expand(B)  # a scalar t applies to the whole batch
+        t_emb = timestep_embedding(timestep, c.block_out_channels[0]).to(sample.dtype)  # (B, C0)
+        temb = self.time_embedding(t_emb)  # (B, 4 C0)
+
+        x = self.conv_in(sample)  # (B, C_in, h, w) -> (B, C0, h, w)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, encoder_hidden_states)
+            skips += block_skips
+        x = self.mid_block(x, temb, encoder_hidden_states)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, encoder_hidden_states)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C0, h, w) -> (B, C_out, h, w)
+
+    def _check_inputs(self, sample, encoder_hidden_states):
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W), got {tuple(sample.shape)}")
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        if sample.shape[2] % factor or sample.shape[3] % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor} (one halving per level), "
+                             f"got {tuple(sample.shape[2:])}")
+        if c.cross_attention_dim is None and encoder_hidden_states is not None:
+            raise ValueError("this UNet is unconditional (cross_attention_dim=None) but got encoder_hidden_states")
+        if c.cross_attention_dim is not None:
+            if encoder_hidden_states is None:
+                raise ValueError("this UNet is text-conditioned: pass encoder_hidden_states of shape "
+                                 f"(B, L, {c.cross_attention_dim}) (the empty prompt's for unconditional)")
+            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim \
+                    or encoder_hidden_states.shape[0] != sample.shape[0]:
+                raise ValueError(f"encoder_hidden_states must have shape ({sample.shape[0]}, L, "
+                                 f"{c.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
+
+    def cross_attention_modules(self) -> dict[str, Attention]:
+        """Every cross-attention layer by its module name, for attention maps."""
+        return {name: m for name, m in self.named_modules() if name.endswith("attn2") and isinstance(m, Attention)}
