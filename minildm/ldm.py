@@ -141,7 +141,7 @@ class LatentDiffusion(nn.Module):
 
     def guided_model_output(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                             uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched UNet call."""
+        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched UNet call. t: one timestep."""
         if guidance_scale == 1.0:  # the guided output is exactly the conditional one: skip half the work
             return self.unet(latents, t, cond)
         both = self.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))  # (2B, c, h, w)
@@ -196,8 +196,7 @@ class LatentDiffusion(nn.Module):
         latents = torch.randn(shape, generator=generator).to(self.device)  # z_T ~ N(0, I)
         trajectory, predictions = [latents], []
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
-            t_batch = t.to(self.device).expand(len(prompts))
-            model_output = self.guided_model_output(latents, t_batch, cond, uncond, guidance_scale)
+            model_output = self.guided_model_output(latents, t.to(self.device), cond, uncond, guidance_scale)
             out = scheduler.step(model_output, t, latents, generator=generator)
             latents = out.prev_sample
             if return_intermediates:

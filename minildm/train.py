@@ -192,8 +192,8 @@ def train_autoencoder(
         raise ValueError(f"images must have shape (N, {autoencoder.config.in_channels}, H, W), "
                          f"got {tuple(images.shape)}")
     device = pick_device(device)
-    autoencoder.to(device).train()
-    parameters = [p for p in autoencoder.parameters() if p.requires_grad]
+    autoencoder.to(device).train().requires_grad_(True)  # a LatentDiffusion freezes it; here it learns
+    parameters = list(autoencoder.parameters())
 
     def loss_fn(generator):
         idx = torch.randint(0, len(images), (batch_size,), generator=generator)
@@ -249,6 +249,7 @@ def train_ldm(
         raise ValueError(f"got {len(images)} images but {len(captions)} captions")
     device = pick_device(device)
     ldm.to(device)
+    ldm.autoencoder.requires_grad_(False)
     means, stds = encode_dataset(ldm, images)
     scale = ldm.autoencoder.scaling_factor
     ldm.unet.train()

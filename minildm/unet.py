@@ -212,7 +212,10 @@ class UNet2DConditionModel(nn.Module):
         B = sample.shape[0]
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=sample.device)
-        timestep = timestep.to(sample.device).reshape(-1).expand(B)  # a scalar t applies to the whole batch
+        timestep = timestep.to(sample.device).reshape(-1)
+        if timestep.numel() not in (1, B):
+            raise ValueError(f"timestep must be one value or one per sample ({B}), got {timestep.numel()}")
+        timestep = timestep.expand(B)  # a single t applies to the whole batch
         t_emb = timestep_embedding(timestep, c.block_out_channels[0]).to(sample.dtype)  # (B, C0)
         temb = self.time_embedding(t_emb)  # (B, 4 C0)
 

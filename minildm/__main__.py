@@ -1,0 +1,64 @@
+"""Command line: `python -m minildm demo` trains and shows; `python -m minildm sample` draws from a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minildm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a text-to-image LDM on ShapesDataset and write samples")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget in minutes (default: 10)")
+    demo.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline, for testing")
+
+    sample = commands.add_parser("sample", help="generate images from a saved model")
+    sample.add_argument("--model", required=True, help="a model folder written by the demo or LatentDiffusion.save")
+    sample.add_argument("--prompt", required=True, action="append", help="a prompt; repeat for several")
+    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--num", type=int, default=8, help="images per prompt (default: 8)")
+    sample.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import DemoConfig, run_demo
+
+        if args.minutes <= 0:
+            parser.error(f"--minutes must be positive, got {args.minutes}")
+        config = DemoConfig.smoke() if args.smoke else DemoConfig(minutes=args.minutes, seed=args.seed)
+        run_demo(args.out, config, device=args.device)
+        return 0
+
+    from . import viz
+    from .ldm import LatentDiffusion
+    from .train import pick_device
+
+    if args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    try:
+        ldm = LatentDiffusion.load(args.model, device=pick_device(args.device))
+        prompts = [p for p in args.prompt for _ in range(args.num)]
+        images = ldm.generate(prompts, args.steps, args.sampler, args.guidance,
+                              generator=torch.Generator().manual_seed(args.seed), progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fig = viz.show_images(images.cpu(), titles=prompts, ncols=args.num)
+    fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

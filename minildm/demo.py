@@ -1,0 +1,206 @@
+"""The end-to-end demo: train a text-to-image latent diffusion model on ShapesDataset, on a laptop CPU.
+
+    1. draw the captioned shapes (shapes.py)
+    2. train the autoencoder, f = 4: 32x32x3 images <-> 8x8x4 latents (autoencoder.py)
+    3. train the UNet and the text encoder on the frozen latents (unet.py, text.py, ldm.py)
+    4. sample every attribute combination, including those held out of training, at several
+       guidance scales, and read the samples back with the ShapesChecker (metrics.py)
+    5. write samples.png, denoising.gif, report.json and the model
+
+`python -m minildm demo` runs it; `DemoConfig` holds every setting, and report.json records them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import viz
+from .autoencoder import AutoencoderConfig, AutoencoderKL
+from .checkpoint import atomic_write_json
+from .ldm import LatentDiffusion
+from .metrics import ShapesChecker
+from .schedule import NoiseSchedule
+from .shapes import HELD_OUT, ShapesDataset, evaluation_prompts
+from .text import TextEncoder
+from .train import pick_device, train_autoencoder, train_ldm
+from .unet import UNet2DConditionModel, UNetConfig
+
+
+@dataclass
+class DemoConfig:
+    minutes: float = 10.0  # wall-clock budget for everything; the training stages get fixed shares of it
+    seed: int = 0
+    image_size: int = 32
+    num_images: int = 20000
+    # stage 1: the autoencoder
+    ae_channels: tuple[int, ...] = (16, 32, 64)
+    ae_norm_groups: int = 8
+    latent_channels: int = 4
+    ae_steps: int = 1500
+    ae_batch_size: int = 32
+    ae_lr: float = 2e-3
+    ae_share: float = 0.3
+    # stage 2: the latent diffusion model
+    unet_channels: tuple[int, ...] = (64, 64)
+    unet_attention_levels: tuple[bool, ...] = (False, True)
+    unet_norm_groups: int = 16
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    ldm_steps: int = 4000
+    ldm_batch_size: int = 64
+    ldm_lr: float = 1e-3
+    ldm_share: float = 0.55
+    ema_decay: float = 0.999
+    # evaluation
+    num_inference_steps: int = 25
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+    samples_per_prompt: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def smoke(cls) -> DemoConfig:
+        """A few seconds end to end, for tests: the same pipeline, nothing learned."""
+        return cls(minutes=1.0, num_images=256, ae_channels=(8, 16, 16), ae_steps=3, ae_batch_size=8,
+                   unet_channels=(32, 32), unet_norm_groups=8, text_hidden_size=32, text_layers=1, ldm_steps=3,
+                   ldm_batch_size=8, num_inference_steps=2, guidance_scales=(1.0, 3.0))
+
+
+def build_autoencoder(config: DemoConfig) -> AutoencoderKL:
+    return AutoencoderKL(AutoencoderConfig(3, config.latent_channels, config.ae_channels,
+                                           norm_num_groups=config.ae_norm_groups))
+
+
+def build_model(config: DemoConfig, autoencoder: AutoencoderKL, captions: list[str]) -> LatentDiffusion:
+    text_encoder = TextEncoder.from_captions(captions, hidden_size=config.text_hidden_size,
+                                             num_layers=config.text_layers)
+    unet = UNet2DConditionModel(UNetConfig(
+        in_channels=config.latent_channels, out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels, attention_levels=config.unet_attention_levels,
+        cross_attention_dim=config.text_hidden_size, norm_num_groups=config.unet_norm_groups,
+    ))
+    return LatentDiffusion(autoencoder, unet, NoiseSchedule(), text_encoder, image_size=config.image_size)
+
+
+@torch.no_grad()
+def evaluate_adherence(ldm: LatentDiffusion, checker: ShapesChecker, guidance_scales, num_inference_steps: int = 25,
+                       samples_per_prompt: int = 1, seed: int = 0) -> dict:
+    """Sample the canonical prompt of every attribute combination at each guidance scale and score it.
+
+    Returns {scale: {"all": {...rates}, "seen": {...}, "held_out": {...}}, "images": {scale: tensor}}.
+    """
+    prompts, attributes = zip(*evaluation_prompts("all"))
+    prompts = list(prompts) * samples_per_prompt
+    attributes = list(attributes) * samples_per_prompt
+    held_out = torch.tensor([a in HELD_OUT for a in attributes])
+    results, images_by_scale = {}, {}
+    for scale in guidance_scales:
+        generator = torch.Generator().manual_seed(seed)  # the same starting noise for every scale
+        images = ldm.generate(prompts, num_inference_steps, guidance_scale=scale, generator=generator).cpu()
+        results[str(scale)] = {
+            "all": checker.score(images, attributes),
+            "seen": checker.score(images[~held_out], [a for a, h in zip(attributes, held_out) if not h]),
+            "held_out": checker.score(images[held_out], [a for a, h in zip(attributes, held_out) if h]),
+        }
+        images_by_scale[str(scale)] = images
+    return {"scores": results, "images": images_by_scale, "prompts": prompts}
+
+
+def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = None,
+             device: str | None = None, progress: bool = True) -> dict:
+    config = config if config is not None else DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(device)
+    torch.manual_seed(config.seed)
+    timings = {}
+    say = print if progress else (lambda *a, **k: None)
+    say(f"minildm demo on {device} ({torch.get_num_threads()} threads), budget {config.minutes} min -> {out}")
+
+    start = time.perf_counter()
+    dataset = ShapesDataset(config.image_size, config.num_images, config.seed, "train", progress=progress)
+    timings["data_s"] = time.perf_counter() - start
+
+    autoencoder = build_autoencoder(config)
+    say(f"stage 1: autoencoder, f={autoencoder.config.downsampling_factor}, "
+        f"{sum(p.numel() for p in autoencoder.parameters()) / 1e3:.0f}k parameters")
+    t = time.perf_counter()
+    ae_history = train_autoencoder(autoencoder, dataset.images, config.ae_steps, config.ae_batch_size,
+                                   config.ae_lr, max_minutes=config.minutes * config.ae_share, device=device,
+                                   seed=config.seed, progress=progress)
+    timings["autoencoder_s"] = time.perf_counter() - t
+
+    ldm = build_model(config, autoencoder, dataset.captions)
+    say(f"stage 2: latent diffusion, UNet {sum(p.numel() for p in ldm.unet.parameters()) / 1e3:.0f}k + text "
+        f"encoder {sum(p.numel() for p in ldm.text_encoder.parameters()) / 1e3:.0f}k parameters, latents "
+        f"{ldm.latent_shape}, scaling factor {ldm.autoencoder.scaling_factor:.3f}")
+    t = time.perf_counter()
+    ldm_history = train_ldm(ldm, dataset.images, dataset.captions, config.ldm_steps, config.ldm_batch_size,
+                            config.ldm_lr, config.ema_decay, max_minutes=config.minutes * config.ldm_share,
+                            device=device, seed=config.seed, progress=progress)
+    timings["ldm_s"] = time.perf_counter() - t
+
+    say("stage 3: sampling every attribute combination and reading the samples back")
+    t = time.perf_counter()
+    checker = ShapesChecker.cached(config.image_size)
+    timings["checker_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    evaluation = evaluate_adherence(ldm, checker, config.guidance_scales, config.num_inference_steps,
+                                    config.samples_per_prompt, config.seed)
+    timings["sampling_s"] = time.perf_counter() - t
+    scores = evaluation["scores"]
+    best_scale = max(scores, key=lambda s: scores[s]["all"]["all"])
+
+    t = time.perf_counter()
+    ldm.save(out / "model")
+    write_pictures(ldm, evaluation, best_scale, out, config)
+    timings["outputs_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    report = {
+        "adherence": {scale: s for scale, s in scores.items()},
+        "adherence_guidance_1": scores[str(1.0)]["all"]["all"] if str(1.0) in scores else None,
+        "best_guidance_scale": float(best_scale),
+        "adherence_best": scores[best_scale]["all"]["all"],
+        "adherence_best_held_out": scores[best_scale]["held_out"]["all"],
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "autoencoder": {"steps": ae_history["steps"][0],
+                        "final_l1": sum(ae_history["reconstruction"][-50:]) / len(ae_history["reconstruction"][-50:]),
+                        "scaling_factor": ldm.autoencoder.scaling_factor},
+        "ldm": {"steps": ldm_history["steps"][0], "final_loss": sum(ldm_history["loss"][-100:]) /
+                len(ldm_history["loss"][-100:])},
+        "config": asdict(config),
+        "machine": {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "torch": torch.__version__},
+    }
+    atomic_write_json(out / "report.json", report)
+    say(json.dumps({k: report[k] for k in ("adherence_guidance_1", "best_guidance_scale", "adherence_best",
+                                           "adherence_best_held_out", "timings_s")}, indent=2))
+    say(f"wrote {out / 'samples.png'}, {out / 'denoising.gif'}, {out / 'report.json'} and {out / 'model'}")
+    return report
+
+
+def write_pictures(ldm: LatentDiffusion, evaluation: dict, best_scale: str, out: Path, config: DemoConfig) -> None:
+    """samples.png: one sample per prompt at the best guidance scale (held-out prompts first, marked with *);
+    denoising.gif: eight prompts denoised step by step."""
+    prompts = evaluation["prompts"]
+    images = evaluation["images"][best_scale]
+    held = [i for i, p in enumerate(prompts) if any(p == c for c, a in evaluation_prompts("heldout"))]
+    order = held + [i for i in range(len(prompts)) if i not in held][: 32 - len(held)]
+    titles = [("* " if i in held else "") + prompts[i] for i in order]
+    fig = viz.show_images(images[order], titles, ncols=8,
+                          suptitle=f"minildm samples, guidance {best_scale} (* = combination held out of training)")
+    fig.savefig(out / "samples.png", dpi=110, bbox_inches="tight")
+
+    gif_prompts = [prompts[i] for i in order[:8]]
+    generator = torch.Generator().manual_seed(config.seed)
+    result = ldm.generate(gif_prompts, config.num_inference_steps, guidance_scale=float(best_scale),
+                          generator=generator, return_intermediates=True)
+    frames = torch.stack([ldm.decode_latents(z.to(ldm.device)).cpu() for z in result.latents])  # (T+1, 8, 3, H, W)
+    viz.save_gif(frames, out / "denoising.gif", nrow=8)

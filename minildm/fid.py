@@ -1,0 +1,208 @@
+"""Quality metrics for samples of the real datasets: domain FID, PSNR and prompt accuracy.
+
+FID (Heusel et al. 2017, arXiv:1706.08500) fits a Gaussian to the features of real images and one to
+the features of generated images, and measures the Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2):
+
+    d² = ||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½)
+
+The features come from a `SmallClassifier` trained on the dataset itself ("domain FID"), not from
+Inception-v3; `fid` says why. `dataset_classifier` trains that classifier once and caches it.
+
+Depends on classifier.py, checkpoint.py and data.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_json
+from .classifier import ClassifierConfig, SmallClassifier, train_classifier
+from .data import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, cache_root, load_fashion_mnist, load_mnist
+
+DATASET_LOADERS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist}
+DATASET_CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "fashion_mnist": FASHION_MNIST_CLASS_NAMES}
+# Measured on 2 CPU cores at 32x32 (batch 128): see the numbers in `dataset_classifier`.
+DEFAULT_STEPS = {"mnist": 2000, "fashion_mnist": 3000}
+
+
+def dataset_classifier(
+    name: str = "mnist",
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    steps: int | None = None,
+    size: int = 32,
+    progress: bool = True,
+) -> SmallClassifier:
+    """The classifier behind the domain FID of `name` ("mnist" or "fashion_mnist"), trained once.
+
+    Loaded from <cache_dir>/<name>_<size>/ (cache_dir defaults to $MINILDM_CACHE/classifiers or
+    ~/.cache/minildm/classifiers) if it is there; otherwise trained on the train split, evaluated on the
+    test split, and saved there, with its test accuracy and training time in training.json. `steps` only
+    matters when training; delete the folder to train again. `root` is passed on to the data loader.
+
+    Width 16 instead of the default 32: five times faster to train, and a 64-dimensional feature space,
+    whose covariance is estimated well from a few thousand samples.
+    """
+    if name not in DATASET_LOADERS:
+        raise ValueError(f"name must be one of {sorted(DATASET_LOADERS)}, got {name!r}")
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "classifiers"
+    folder = folder / f"{name}_{size}"
+    if (folder / "classifier.json").is_file() and (folder / "classifier.safetensors").is_file():
+        return SmallClassifier.load(folder)
+
+    steps = steps if steps is not None else DEFAULT_STEPS[name]
+    train = DATASET_LOADERS[name]("train", root=root, size=size, progress=progress)
+    test = DATASET_LOADERS[name]("test", root=root, size=size, progress=progress)
+    config = ClassifierConfig(width=16, feature_dim=64, class_names=list(DATASET_CLASS_NAMES[name]))
+    model = SmallClassifier(config)
+    start = time.perf_counter()
+    train_classifier(model, train.images, train.labels, steps=steps, progress=progress)
+    seconds = time.perf_counter() - start
+    accuracy = model.accuracy(test.images, test.labels)
+    model.save(folder)
+    report = {"dataset": name, "size": size, "steps": steps, "test_accuracy": accuracy, "seconds": seconds}
+    atomic_write_json(folder / "training.json", report)
+    if progress:
+        print(f"{name} classifier: test accuracy {accuracy:.2%} after {steps} steps ({seconds:.0f} s), in {folder}")
+    return model
+
+
+def _as_float64(x, what: str) -> torch.Tensor:
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return x
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix: V diag(√λ) Vᵀ."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    # Rounding can make a zero eigenvalue -1e-17; its square root would be NaN. Clamp it to zero.
+    return eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), for mu (d,) and sigma (d, d).
+
+        d² = ||μ1 - μ2||² + Tr(Σ1) + Tr(Σ2) - 2 Tr((Σ1^½ Σ2 Σ1^½)^½)
+
+    Why this form: the usual code takes scipy's sqrtm(Σ1 Σ2). Σ1 Σ2 is not symmetric, so its square root
+    is computed by a general (Schur) method that can return complex numbers and is unstable when the
+    covariances are near-singular, as they are when there are fewer samples than features. Σ1^½ Σ2 Σ1^½
+    has the same eigenvalues (it is similar to Σ1 Σ2) but is symmetric positive semi-definite, so a
+    symmetric eigendecomposition, which is backward stable and has real eigenvalues, gives both square
+    roots; Tr(M^½) is simply Σ √λ_i(M). All in float64, with rounding-level negative eigenvalues set to 0.
+    """
+    mu1, mu2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
+    sigma1, sigma2 = _as_float64(sigma1, "sigma1"), _as_float64(sigma2, "sigma2")
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise ValueError(
+            f"mu1 and mu2 must be vectors of the same length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}"
+        )
+    d = mu1.shape[0]
+    for what, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if sigma.shape != (d, d):
+            raise ValueError(f"{what} must have shape ({d}, {d}) to match the means, got {tuple(sigma.shape)}")
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2  # symmetric up to rounding anyway
+    sqrt_sigma1 = _sqrtm_psd(sigma1)  # Σ1^½
+    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1  # Σ1^½ Σ2 Σ1^½
+    middle = (middle + middle.T) / 2
+    trace_sqrt = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()  # Tr((Σ1^½ Σ2 Σ1^½)^½)
+    diff = mu1 - mu2
+    distance = diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt
+    return max(distance.item(), 0.0)  # the true value is >= 0; rounding can give -1e-13
+
+
+def _check_images(images, classifier: SmallClassifier, what: str, min_count: int = 1) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError(f"{what} must be a float tensor (N, C, H, W) in [-1, 1], got {type(images).__name__}"
+                        + (f" of {images.dtype}" if isinstance(images, torch.Tensor) else ""))  # fmt: skip
+    channels = classifier.config.in_channels
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise ValueError(f"{what} must have shape (N, {channels}, H, W), got {tuple(images.shape)}")
+    if len(images) < min_count:
+        raise ValueError(f"{what} must hold at least {min_count} images, got {len(images)}")
+    low, high = images.min().item(), images.max().item()
+    if low < -1.5 or high > 1.5:  # some slack for unclamped samples; [0, 255] is a mistake
+        raise ValueError(
+            f"{what} must be in [-1, 1] like the training data, got values in [{low:.3g}, {high:.3g}]; "
+            f"clamp samples with .clamp(-1, 1), convert uint8 pixels with x / 127.5 - 1"
+        )
+
+
+@torch.no_grad()
+def feature_statistics(images: torch.Tensor, classifier: SmallClassifier, batch_size: int = 256):
+    """Mean (F,) and covariance (F, F), float64, of `classifier.features` over images (N, C, H, W)."""
+    _check_images(images, classifier, "images", min_count=2)
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    features = torch.cat(
+        [classifier.features(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    ).double()  # (N, F)
+    classifier.train(was_training)
+    return features.mean(dim=0), torch.cov(features.T)  # (F,), (F, F) with the unbiased 1 / (N - 1)
+
+
+def fid(real_images: torch.Tensor, generated_images: torch.Tensor, classifier: SmallClassifier) -> float:
+    """Domain FID: the Fréchet distance between real and generated images in `classifier`'s features.
+
+    Why not Inception-v3, the network of the published FID numbers: its weights cannot be downloaded
+    here, and an ImageNet network sees 28x28 grayscale digits, upsampled to 299x299, as nothing like its
+    training data, so its features say little about them. A small classifier trained on the dataset
+    itself measures what matters there (is it a recognisable seven, with the right stroke variety).
+
+    The numbers are only comparable within one classifier (same weights, same image size), and FID is
+    biased upward for few samples: compare models with the same number of images (a few thousand).
+    """
+    _check_images(real_images, classifier, "real_images", min_count=2)
+    _check_images(generated_images, classifier, "generated_images", min_count=2)
+    if real_images.shape[1:] != generated_images.shape[1:]:
+        raise ValueError(
+            f"real and generated images must have the same (C, H, W), got {tuple(real_images.shape[1:])} "
+            f"and {tuple(generated_images.shape[1:])}"
+        )
+    mu1, sigma1 = feature_statistics(real_images, classifier)
+    mu2, sigma2 = feature_statistics(generated_images, classifier)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB, computed per image and then averaged over the batch.
+
+    PSNR_i = 10 log10(R² / MSE_i), where R = data_range is max - min of the pixel range (2 for [-1, 1]).
+    The first dimension is the batch: pass one image as (1, C, H, W). Averaging per-image values (not the
+    PSNR of the pooled MSE) weighs every image equally. An exact copy gives inf.
+    """
+    reference, reconstruction = torch.as_tensor(reference), torch.as_tensor(reconstruction)
+    if reference.shape != reconstruction.shape:
+        raise ValueError(
+            f"shapes differ: reference {tuple(reference.shape)}, reconstruction {tuple(reconstruction.shape)}"
+        )
+    if reference.ndim < 2 or len(reference) == 0:
+        raise ValueError(f"expected a batch (N, ...) with N >= 1, got shape {tuple(reference.shape)}")
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    squared_error = (reference.double() - reconstruction.double()).pow(2)
+    mse = squared_error.flatten(1).mean(dim=1)  # (N, ...) -> (N,)
+    return (10 * torch.log10(data_range**2 / mse)).mean().item()
+
+
+def label_accuracy(images: torch.Tensor, labels, classifier: SmallClassifier) -> float:
+    """Prompt accuracy: the fraction of images that `classifier` reads as the label they were prompted with.
+
+    E.g. generate 100 samples for "a handwritten digit k" for every k and pass labels k.
+    """
+    _check_images(images, classifier, "images")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"expected labels of shape ({len(images)},), one per image, got {tuple(labels.shape)}")
+    num_classes = classifier.config.num_classes
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
+    device = next(classifier.parameters()).device
+    return classifier.accuracy(images.to(device), labels.to(device))

@@ -1,0 +1,45 @@
+"""The demo pipeline and the command line, end to end at smoke size."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from minildm.__main__ import main
+from minildm.demo import DemoConfig, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, DemoConfig.smoke(), device="cpu", progress=False)
+    return out
+
+
+def test_demo_writes_everything(demo_dir):
+    for name in ("samples.png", "denoising.gif", "report.json", "model/config.json", "model/unet.safetensors"):
+        assert (demo_dir / name).is_file(), name
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert set(report["adherence"]) == {"1.0", "3.0"}
+    for scores in report["adherence"].values():
+        assert set(scores) == {"all", "seen", "held_out"}
+        assert 0.0 <= scores["all"]["all"] <= 1.0
+    assert report["adherence_best"] == max(s["all"]["all"] for s in report["adherence"].values())
+    assert report["config"]["ldm_steps"] == 3
+    gif = Image.open(demo_dir / "denoising.gif")
+    assert gif.n_frames == DemoConfig.smoke().num_inference_steps + 1
+
+
+def test_sample_command(demo_dir, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    code = main(["sample", "--model", str(demo_dir / "model"), "--prompt", "a large red circle at the top left",
+                 "--num", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).size[0] > 0
+
+
+def test_sample_command_errors(tmp_path, capsys):
+    assert main(["sample", "--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--minutes", "0"])

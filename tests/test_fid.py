@@ -1,0 +1,179 @@
+"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, PSNR, prompt accuracy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minildm.classifier import ClassifierConfig, SmallClassifier, train_classifier
+from minildm.fid import (
+    dataset_classifier,
+    feature_statistics,
+    fid,
+    frechet_distance,
+    label_accuracy,
+    psnr,
+)
+
+
+def random_covariance(d: int, rank: int, seed: int) -> np.ndarray:
+    a = np.random.default_rng(seed).normal(size=(d, rank))
+    return a @ a.T / rank  # symmetric positive semi-definite, singular when rank < d
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier() -> SmallClassifier:
+    torch.manual_seed(0)
+    model = SmallClassifier(ClassifierConfig(width=4, feature_dim=8, class_names=[str(k) for k in range(10)]))
+    images = torch.rand(64, 1, 16, 16) * 2 - 1
+    train_classifier(model, images, torch.arange(64) % 10, steps=3, batch_size=16, progress=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_same_gaussian_is_zero():
+    sigma = random_covariance(6, 6, seed=0)
+    mu = np.arange(6.0)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    singular = random_covariance(6, 2, seed=1)  # fewer samples than features: the hard case for sqrtm
+    assert frechet_distance(mu, singular, mu, singular) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_diagonal_gaussians_match_closed_form():
+    # Diagonal covariances commute, so (Σ1^½ Σ2 Σ1^½)^½ = diag(√(a b)) and d² = ||Δμ||² + Σ (√a - √b)².
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.1, 3.0, size=5), rng.uniform(0.1, 3.0, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_independent_computation(seed):
+    # Independently: Tr((Σ1 Σ2)^½) = Σ √λ_i(Σ1 Σ2), with a general (non-symmetric) eigenvalue solver.
+    d = 7
+    s1, s2 = random_covariance(d, d + 3, seed), random_covariance(d, d + 1, seed + 100)
+    mu1, mu2 = np.random.default_rng(seed).normal(size=(2, d))
+    eigenvalues = np.linalg.eigvals(s1 @ s2)
+    trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues.real, 0, None)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_symmetric_and_non_negative(seed):
+    s1, s2 = random_covariance(5, 3, seed), random_covariance(5, 8, seed + 1)
+    mu1, mu2 = np.zeros(5), np.full(5, 0.1 * seed)
+    forward, backward = frechet_distance(mu1, s1, mu2, s2), frechet_distance(mu2, s2, mu1, s1)
+    # Σ1 is singular: a zero eigenvalue is known only to ~1e-16, and its square root to ~1e-8 (√ε).
+    assert forward == pytest.approx(backward, rel=1e-6)
+    assert forward >= 0 and backward >= 0
+
+
+def test_accepts_torch_and_rejects_bad_shapes():
+    mu, sigma = torch.zeros(3), torch.eye(3)
+    assert frechet_distance(mu, sigma, mu + 1, sigma) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="same length"):
+        frechet_distance(torch.zeros(3), sigma, torch.zeros(4), torch.eye(4))
+    with pytest.raises(ValueError, match=r"sigma2 must have shape \(3, 3\)"):
+        frechet_distance(mu, sigma, mu, torch.eye(2))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(mu, sigma * float("nan"), mu, sigma)
+
+
+# ------------------------------------------------------------------------------------ features and FID
+
+
+def test_feature_statistics_match_manual(tiny_classifier):
+    images = torch.rand(40, 1, 16, 16) * 2 - 1
+    mu, sigma = feature_statistics(images, tiny_classifier, batch_size=7)
+    with torch.no_grad():
+        features = tiny_classifier.features(images).double().numpy()
+    np.testing.assert_allclose(mu.numpy(), features.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(features, rowvar=False), rtol=1e-5, atol=1e-6)
+
+
+def test_fid_of_a_set_with_itself_is_zero(tiny_classifier):
+    images = torch.rand(50, 1, 16, 16) * 2 - 1
+    assert fid(images, images, tiny_classifier) == pytest.approx(0.0, abs=1e-6)
+    other = torch.rand(50, 1, 16, 16) * 2 - 1
+    assert fid(images, -other.abs(), tiny_classifier) > fid(images, other, tiny_classifier)
+
+
+def test_fid_input_errors(tiny_classifier):
+    images = torch.rand(10, 1, 16, 16)
+    with pytest.raises(ValueError, match="same \\(C, H, W\\)"):
+        fid(images, torch.rand(10, 1, 8, 8), tiny_classifier)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        fid(images * 255, images, tiny_classifier)
+    with pytest.raises(TypeError, match="float tensor"):
+        fid(images.to(torch.uint8), images, tiny_classifier)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid(images[:1], images, tiny_classifier)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        fid(images.expand(10, 3, 16, 16), images, tiny_classifier)
+
+
+def test_label_accuracy(tiny_classifier):
+    images = torch.rand(30, 1, 16, 16) * 2 - 1
+    predicted = tiny_classifier.predict(images)
+    assert label_accuracy(images, predicted, tiny_classifier) == 1.0
+    wrong = (predicted + 1) % 10
+    wrong[:6] = predicted[:6]
+    assert label_accuracy(images, wrong, tiny_classifier) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="one per image"):
+        label_accuracy(images, predicted[:5], tiny_classifier)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        label_accuracy(images, predicted + 10, tiny_classifier)
+
+
+# ------------------------------------------------------------------------------------------------ PSNR
+
+
+def test_psnr_by_hand():
+    reference = torch.zeros(2, 1, 4, 4)
+    reconstruction = reference.clone()
+    reconstruction[0] += 0.1  # MSE 0.01 -> 10 log10(2² / 0.01) = 10 log10(400)
+    reconstruction[1] += 0.2  # MSE 0.04 -> 10 log10(100) = 20
+    expected = (10 * math.log10(400) + 20.0) / 2  # the mean of per-image values, not of the pooled MSE
+    assert psnr(reference, reconstruction) == pytest.approx(expected, rel=1e-6)
+    assert psnr(reference[:1], reconstruction[:1], data_range=1.0) == pytest.approx(20.0, rel=1e-6)
+    assert psnr(reference, reference) == math.inf
+
+
+def test_psnr_errors():
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="data_range"):
+        psnr(torch.zeros(2, 3), torch.zeros(2, 3), data_range=0)
+
+
+# ----------------------------------------------------------------------------------- saving and caching
+
+
+def test_save_load_round_trip(tiny_classifier, tmp_path):
+    tiny_classifier.save(tmp_path / "clf")
+    loaded = SmallClassifier.load(tmp_path / "clf")
+    images = torch.rand(20, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), tiny_classifier(images), rtol=0, atol=0)
+    mu1, sigma1 = feature_statistics(images, tiny_classifier)
+    mu2, sigma2 = feature_statistics(images, loaded)
+    assert torch.equal(mu1, mu2) and torch.equal(sigma1, sigma2)
+
+
+def test_dataset_classifier_reads_cache(tiny_classifier, tmp_path, monkeypatch):
+    # A classifier already in the cache is loaded, not trained (root points nowhere, so training would fail).
+    tiny_classifier.save(tmp_path / "explicit" / "mnist_32")
+    loaded = dataset_classifier("mnist", root=tmp_path / "nowhere", cache_dir=tmp_path / "explicit")
+    images = torch.rand(5, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(images), tiny_classifier(images))
+    monkeypatch.setenv("MINILDM_CACHE", str(tmp_path / "env"))
+    tiny_classifier.save(tmp_path / "env" / "classifiers" / "fashion_mnist_32")
+    assert isinstance(dataset_classifier("fashion_mnist", root=tmp_path / "nowhere"), SmallClassifier)
+    with pytest.raises(ValueError, match="name must be one of"):
+        dataset_classifier("cifar10")

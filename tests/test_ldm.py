@@ -1,0 +1,177 @@
+"""LatentDiffusion: the training objective (eq. 3), guidance, generation, attention maps, save/load."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CAPTIONS, make_tiny_ldm
+
+from minildm.ldm import LatentDiffusion
+
+
+def test_generate_shapes_range_and_seed(tiny_ldm):
+    images = tiny_ldm.generate(CAPTIONS, num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    assert images.shape == (3, 3, 16, 16)
+    assert images.min() >= 0 and images.max() <= 1
+    again = tiny_ldm.generate(CAPTIONS, num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    other = tiny_ldm.generate(CAPTIONS, num_inference_steps=4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(images, again)
+    assert not torch.allclose(images, other)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_generate_is_reproducible_for_each_sampler(tiny_ldm, sampler):
+    a = tiny_ldm.generate("a red circle", 3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    b = tiny_ldm.generate("a red circle", 3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_guidance_scale_one_is_the_conditional_prediction(tiny_ldm):
+    z = torch.randn(2, 4, 4, 4)
+    t = torch.tensor(500)
+    cond = tiny_ldm.text_encoder.encode(CAPTIONS[:2])
+    uncond = tiny_ldm.text_encoder.encode(["", ""])
+    with torch.no_grad():
+        conditional = tiny_ldm.unet(z, t, cond)
+        unconditional = tiny_ldm.unet(z, t, uncond)
+        assert torch.allclose(tiny_ldm.guided_model_output(z, t, cond, uncond, 1.0), conditional, atol=1e-6)
+        # eq. (6) of Ho & Salimans in the ε form: ε_u + s (ε_c - ε_u), computed from two separate calls.
+        expected = unconditional + 4.0 * (conditional - unconditional)
+        assert torch.allclose(tiny_ldm.guided_model_output(z, t, cond, uncond, 4.0), expected, atol=1e-5)
+        assert torch.allclose(tiny_ldm.guided_model_output(z, t, cond, uncond, 0.0), unconditional, atol=1e-5)
+
+
+def test_return_intermediates(tiny_ldm):
+    out = tiny_ldm.generate(CAPTIONS[:2], num_inference_steps=5, return_intermediates=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 3, 16, 16)
+    assert out.latents.shape == (6, 2, 4, 4, 4)  # z_T .. z_0
+    assert out.pred_original_latents.shape == (5, 2, 4, 4, 4)
+    assert out.timesteps == sorted(out.timesteps, reverse=True) and len(out.timesteps) == 5
+    assert torch.allclose(tiny_ldm.decode_latents(out.latents[-1]), out.images)
+
+
+def test_max_batch_size_splits_requests(tiny_ldm):
+    calls = []
+    original = tiny_ldm.unet.forward
+    tiny_ldm.unet.forward = lambda sample, *a, **k: calls.append(sample.shape[0]) or original(sample, *a, **k)
+    images = tiny_ldm.generate(["a red circle"] * 5, num_inference_steps=2, guidance_scale=1.0, max_batch_size=2)
+    assert images.shape == (5, 3, 16, 16)
+    assert max(calls) == 2 and sum(calls) == 5 * 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 1001}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
+def test_generate_rejects_bad_arguments(tiny_ldm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_ldm.generate(["a red circle"], **kwargs)
+
+
+def test_generate_rejects_bad_prompts(tiny_ldm):
+    with pytest.raises(ValueError, match="prompts"):
+        tiny_ldm.generate([])
+    with pytest.raises(ValueError, match="prompts"):
+        tiny_ldm.generate([3])
+
+
+def test_latent_training_loss_is_equation_3():
+    """Recompute the loss by hand with the same random draws, for each prediction type."""
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        ldm = make_tiny_ldm(prediction_type)
+        z0 = torch.randn(3, 4, 4, 4)
+        loss = ldm.latent_training_loss(z0, CAPTIONS, caption_dropout=0.5, generator=torch.Generator().manual_seed(7))
+
+        g = torch.Generator().manual_seed(7)  # the same draws, in the same order
+        dropped = (torch.rand(3, generator=g) < 0.5).tolist()
+        t = torch.randint(0, 1000, (3,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = ldm.schedule.alphas_cumprod[t].float().view(3, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
+        target = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * z0, "sample": z0}[prediction_type]
+        captions = ["" if d else c for c, d in zip(CAPTIONS, dropped)]
+        with torch.no_grad():
+            expected = F.mse_loss(ldm.unet(z_t, t, ldm.text_encoder.encode(captions)), target)
+        assert torch.allclose(loss, expected, atol=1e-5), prediction_type
+
+
+def test_caption_dropout_one_trains_the_unconditional_model(tiny_ldm):
+    z0 = torch.randn(3, 4, 4, 4)
+    dropped = tiny_ldm.latent_training_loss(z0, CAPTIONS, 1.0, torch.Generator().manual_seed(0))
+    empty = tiny_ldm.latent_training_loss(z0, ["", "", ""], 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(dropped, empty)
+
+
+def test_training_loss_encodes_with_the_scaling_factor(tiny_ldm):
+    tiny_ldm.autoencoder.config.scaling_factor = 0.5
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    latents = tiny_ldm.encode_images(images, torch.Generator().manual_seed(0))
+    posterior = tiny_ldm.autoencoder.encode(images)
+    assert torch.allclose(latents, posterior.sample(torch.Generator().manual_seed(0)) * 0.5)
+    assert torch.isfinite(tiny_ldm.training_loss(images, CAPTIONS, generator=g))
+
+
+def test_constructor_checks_the_pieces_fit():
+    ldm = make_tiny_ldm()
+    with pytest.raises(ValueError, match="prediction_type"):
+        LatentDiffusion(ldm.autoencoder, ldm.unet, ldm.schedule, ldm.text_encoder, "x0")
+    with pytest.raises(ValueError, match="image_size"):
+        LatentDiffusion(ldm.autoencoder, ldm.unet, ldm.schedule, ldm.text_encoder, image_size=12)
+
+
+def test_cross_attention_maps(tiny_ldm):
+    image, maps, tokens = tiny_ldm.cross_attention_maps("a red circle", num_inference_steps=3,
+                                                        generator=torch.Generator().manual_seed(0))
+    assert tokens == ["<bos>", "a", "red", "circle", "<eos>"]
+    assert image.shape == (3, 16, 16)
+    assert maps.shape == (5, 4, 4)
+    assert maps.min() >= 0
+    # Softmax over all 16 key tokens: the prompt's 5 tokens hold at most all of the probability.
+    assert (maps.sum(dim=0) <= 1 + 1e-5).all()
+    for module in tiny_ldm.unet.cross_attention_modules().values():
+        assert module.attention_probs is None and not module.store_attention_probs
+
+
+def test_save_load_round_trip(tiny_ldm, tmp_path):
+    tiny_ldm.autoencoder.config.scaling_factor = 0.7
+    tiny_ldm.save(tmp_path / "model")
+    loaded = LatentDiffusion.load(tmp_path / "model")
+    assert loaded.autoencoder.scaling_factor == 0.7
+    assert loaded.text_encoder.tokenizer.vocab == tiny_ldm.text_encoder.tokenizer.vocab
+    a = tiny_ldm.generate(CAPTIONS, 3, generator=torch.Generator().manual_seed(0))
+    b = loaded.generate(CAPTIONS, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_load_reports_missing_files(tiny_ldm, tmp_path):
+    tiny_ldm.save(tmp_path)
+    (tmp_path / "unet.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="unet.safetensors"):
+        LatentDiffusion.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        LatentDiffusion.load(tmp_path / "nowhere")
+
+
+def test_load_reports_mismatched_shapes(tiny_ldm, tmp_path):
+    tiny_ldm.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["unet"]["block_out_channels"] = [32, 32]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="expected shape"):
+        LatentDiffusion.load(tmp_path)
+
+
+def test_load_refuses_pickles(tiny_ldm, tmp_path):
+    tiny_ldm.save(tmp_path)
+    torch.save(tiny_ldm.unet.state_dict(), tmp_path / "unet.safetensors")  # a pickle under the expected name
+    with pytest.raises(ValueError, match="pickle"):
+        LatentDiffusion.load(tmp_path)

@@ -1,0 +1,119 @@
+"""Training loops: EMA, learning-rate schedule, loss goes down, exact resume, guarded against NaN."""
+
+import pytest
+import torch
+from conftest import CAPTIONS, make_tiny_ldm
+
+from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
+from minildm.train import EMA, cosine_lr, pick_device, train_autoencoder, train_ldm
+
+
+def test_ema_matches_its_formula():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.9)
+    expected = torch.zeros(3)
+    for n in range(1, 30):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update([p])
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * p.detach()
+    assert torch.allclose(ema.shadow[0], expected)
+    ema.copy_to([p])
+    assert torch.allclose(p.detach(), expected)
+    with pytest.raises(ValueError, match="decay"):
+        EMA([p], decay=1.0)
+
+
+def test_cosine_lr():
+    assert cosine_lr(1.0, 0.0) == 0.0
+    assert cosine_lr(1.0, 0.02) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 1.0) == pytest.approx(0.1)
+    values = [cosine_lr(1.0, p / 100) for p in range(2, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device().type in {"cpu", "cuda", "mps"}
+
+
+def tiny_images(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = -torch.ones(n, 3, 16, 16)
+    for i in range(n):  # a bright square at a random place: something with structure to learn
+        x, y = torch.randint(0, 10, (2,), generator=g).tolist()
+        images[i, :, y : y + 6, x : x + 6] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    return images
+
+
+def test_train_autoencoder_lowers_the_loss_and_sets_the_scaling_factor():
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
+    images = tiny_images()
+    history = train_autoencoder(ae, images, steps=60, batch_size=8, lr=3e-3, device="cpu", progress=False)
+    assert len(history["loss"]) == 60 and history["steps"] == [60]
+    assert sum(history["reconstruction"][-10:]) < 0.6 * sum(history["reconstruction"][:10])
+    with torch.no_grad():
+        z = ae.encode(images).sample(torch.Generator().manual_seed(0))
+    assert ae.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.1)
+    with pytest.raises(ValueError, match="images"):
+        train_autoencoder(ae, torch.zeros(4, 1, 16, 16), steps=1, progress=False)
+
+
+def fixed_batch_loss(ldm, latents):
+    with torch.no_grad():
+        return ldm.latent_training_loss(latents, CAPTIONS * 3, 0.0, torch.Generator().manual_seed(123)).item()
+
+
+def test_train_ldm_lowers_the_loss():
+    ldm = make_tiny_ldm()
+    images = tiny_images(9)
+    captions = CAPTIONS * 3
+    latents = ldm.encode_images(images, torch.Generator().manual_seed(0))
+    before = fixed_batch_loss(ldm, latents)
+    history = train_ldm(ldm, images, captions, steps=80, batch_size=9, lr=3e-3, ema_decay=0.0, device="cpu",
+                        progress=False)
+    assert history["steps"] == [80]
+    assert fixed_batch_loss(ldm, latents) < 0.8 * before
+    assert not ldm.autoencoder.encoder.conv_in.weight.requires_grad  # the first stage stays frozen
+
+
+def test_max_minutes_stops_early():
+    ldm = make_tiny_ldm()
+    history = train_ldm(ldm, tiny_images(9), CAPTIONS * 3, steps=10**6, batch_size=4, max_minutes=0.02,
+                        device="cpu", progress=False)
+    assert 0 < history["steps"][0] < 10**6
+    with pytest.raises(ValueError, match="max_minutes"):
+        train_ldm(ldm, tiny_images(9), CAPTIONS * 3, steps=5, max_minutes=0, progress=False)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    images, captions = tiny_images(9), CAPTIONS * 3
+    straight = make_tiny_ldm()
+    train_ldm(straight, images, captions, steps=6, batch_size=4, device="cpu", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        raise Crash(step)
+
+    interrupted = make_tiny_ldm()
+    with pytest.raises(Crash):  # dies right after the step-3 checkpoint
+        train_ldm(interrupted, images, captions, steps=6, batch_size=4, device="cpu", progress=False,
+                  checkpoint_dir=tmp_path, checkpoint_every=3, callback=crash, callback_every=3)
+    resumed = make_tiny_ldm()  # a fresh process would start from new weights too
+    history = train_ldm(resumed, images, captions, steps=6, batch_size=4, device="cpu", progress=False,
+                        checkpoint_dir=tmp_path, resume=True)
+    assert len(history["loss"]) == 6
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_with_the_step():
+    ldm = make_tiny_ldm()
+    images = tiny_images(9)
+    images[:] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train_ldm(ldm, images, CAPTIONS * 3, steps=3, batch_size=4, device="cpu", progress=False)
