@@ -26,14 +26,15 @@ from torch import nn
 class Attention(nn.Module):
     """Multi-head attention. Self-attention when `cross_attention_dim` is None, else cross-attention."""
 
-    def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 4, dim_head: int = 32):
+    def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 4, dim_head: int = 32,
+                 bias: bool = False):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])
         # When True, forward() also keeps softmax(QK^T/sqrt(d)) in `self.attention_probs`, (B, heads, N, L),
         # for pictures of where each word looks. Off by default: the fused kernel never forms that matrix.
@@ -98,6 +99,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.attn2 is None) != (encoder_hidden_states is None):
+            raise ValueError("a block built with cross_attention_dim needs encoder_hidden_states, and one built "
+                             "without it takes none")
         x = x + self.attn1(self.norm1(x))  # (B, N, D)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), encoder_hidden_states)  # queries: image, keys/values: text

@@ -60,13 +60,14 @@ class AutoencoderConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def for_factor(cls, f: int, in_channels: int = 3, latent_channels: int = 4, width: int = 32) -> AutoencoderConfig:
+    def for_factor(cls, f: int, in_channels: int = 3, latent_channels: int = 4, width: int = 32,
+                   norm_num_groups: int = 16, layers_per_block: int = 1) -> AutoencoderConfig:
         """A small autoencoder with downsampling factor f in {1, 2, 4, 8}; channels double after the first level."""
         levels = {1: 1, 2: 2, 4: 3, 8: 4}
         if f not in levels:
             raise ValueError(f"downsampling factor f must be one of 1, 2, 4, 8, got {f}")
         channels = tuple(width * min(2**level, 2) for level in range(levels[f]))
-        return cls(in_channels=in_channels, latent_channels=latent_channels, block_out_channels=channels)
+        return cls(in_channels, latent_channels, channels, layers_per_block, norm_num_groups)
 
 
 class DiagonalGaussianDistribution:
@@ -91,21 +92,32 @@ class DiagonalGaussianDistribution:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
+class VAEAttention(Attention):
+    """Single-head self-attention over all h*w positions of a feature map, with its GroupNorm and residual."""
+
+    def __init__(self, channels: int, norm_num_groups: int):
+        super().__init__(channels, None, heads=1, dim_head=channels, bias=True)
+        self.group_norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        h = super().forward(h)  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W)
+
+
 class VAEMidBlock(nn.Module):
-    """ResNet, single-head self-attention over all h*w positions, ResNet: the one place the AE sees globally."""
+    """ResNet, self-attention, ResNet at the lowest resolution: the one place the autoencoder sees globally."""
 
     def __init__(self, channels: int, norm_num_groups: int):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, norm_num_groups) for _ in range(2)])
-        self.attention_norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
-        self.attention = Attention(channels, None, heads=1, dim_head=channels)
+        self.attentions = nn.ModuleList([VAEAttention(channels, norm_num_groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
-        B, C, H, W = x.shape
-        h = self.attention_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        h = self.attention(h).transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W)
-        return self.resnets[1](x + h)
+        x = self.attentions[0](x)
+        return self.resnets[1](x)
 
 
 class Encoder(nn.Module):
@@ -209,18 +221,20 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     def training_loss(self, x: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None):
-        """L1 reconstruction + kl_weight * KL, both per image; returns (loss, reconstruction, parts dict)."""
+        """L1 reconstruction + kl_weight * KL, both averaged per element (C*H*W) so kl_weight does not depend
+        on the image size (the ratio CompVis uses); returns (loss, reconstruction, parts dict)."""
         posterior = self.encode(x)
         reconstruction = self.decode(posterior.sample(generator))
         rec_loss = (x - reconstruction).abs().mean()  # |x - D(z)|_1 per pixel
-        kl_loss = posterior.kl().mean() / x[0].numel()  # KL per pixel, so kl_weight does not depend on image size
+        kl_loss = posterior.kl().mean() / x[0].numel()  # KL per element
         loss = rec_loss + kl_weight * kl_loss
         return loss, reconstruction, {"reconstruction": rec_loss.detach(), "kl": kl_loss.detach()}
 
     @torch.no_grad()
-    def estimate_scaling_factor(self, images: torch.Tensor, batch_size: int = 256) -> float:
+    def estimate_scaling_factor(self, images: torch.Tensor, batch_size: int = 256,
+                                generator: torch.Generator | None = None) -> float:
         """1 / std of posterior samples over `images` (appendix G); sets config.scaling_factor and returns it."""
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        latents = torch.cat([self.encode(batch).sample() for batch in batches])  # (N, c, h, w)
+        latents = torch.cat([self.encode(batch).sample(generator) for batch in batches])  # (N, c, h, w)
         self.config.scaling_factor = float(1.0 / latents.flatten().std())
         return self.config.scaling_factor

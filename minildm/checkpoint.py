@@ -29,8 +29,16 @@ PICKLE_HELP = (
 )
 
 
-def _current_umask() -> int:
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere os.umask can only read it by setting it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
     return umask
 
@@ -41,8 +49,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes owner-only files; use the usual permissions
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_read_umask())  # mkstemp makes owner-only files; use the usual permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,7 +91,8 @@ def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> N
 
 
 def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save writes a zip archive ("PK") holding a pickle; older files are a bare pickle (0x80).
+    # torch.save writes a zip archive ("PK") holding a pickle; older files are a bare pickle, whose protocol
+    # 2+ opcode is 0x80. (Ancient protocol 0/1 pickles have no magic: they get the "corrupted" message.)
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
@@ -92,15 +101,18 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors weights file at {path}, but there is none")
+    if path.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
+        raise ValueError(f"refusing to load {path}: {path.suffix} files are pickles. {PICKLE_HELP}")
     data = path.read_bytes()
-    if _looks_like_pickle(data[:8]) or path.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
-        raise ValueError(f"refusing to load {path}: it is not a safetensors file but a pickle. {PICKLE_HELP}")
     try:
+        # Parsing safetensors never runs code: it reads a JSON header and raw tensor bytes. So try that first
+        # (a valid file's 8-byte header length can itself begin with 0x80 or "PK") ...
         return safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted"
-        ) from e
+        # ... and only when it fails, tell a pickle apart from a damaged file, to say what to do.
+        if _looks_like_pickle(data[:2]):
+            raise ValueError(f"refusing to load {path}: it is a pickle, not a safetensors file. {PICKLE_HELP}") from e
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted") from e
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
@@ -118,7 +130,7 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         e, f = expected[name], found[name]
         if e.shape != f.shape:
             problems.append(f"{name}: expected shape {tuple(e.shape)}, found {tuple(f.shape)}")
-        elif e.dtype != f.dtype:
+        if e.dtype != f.dtype:
             problems.append(f"{name}: expected dtype {e.dtype}, found {f.dtype}")
     if problems:
         raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(problems))

@@ -75,6 +75,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: torch.Tensor) -> list[str]:
+        """The tokens of one row of ids (L,)."""
+        if ids.ndim != 1:
+            raise ValueError(f"decode takes one row of ids (L,), got shape {tuple(ids.shape)}; decode rows one by one")
         return [self.vocab[i] for i in ids.tolist()]
 
 

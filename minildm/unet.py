@@ -80,7 +80,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     angles = timesteps.float()[:, None] * exponent.exp()[None, :]  # (B, 1) * (1, half) -> (B, half)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, dim)
+    embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, 2 * half)
+    if dim % 2 == 1:  # an odd width gets a zero column, so the result is always (B, dim)
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
 
 
 class TimestepEmbedding(nn.Module):
@@ -212,10 +215,10 @@ class UNet2DConditionModel(nn.Module):
         B = sample.shape[0]
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=sample.device)
-        timestep = timestep.to(sample.device).reshape(-1)
-        if timestep.numel() not in (1, B):
-            raise ValueError(f"timestep must be one value or one per sample ({B}), got {timestep.numel()}")
-        timestep = timestep.expand(B)  # a single t applies to the whole batch
+        if timestep.ndim > 2 or timestep.numel() not in (1, B) or (timestep.ndim == 2 and timestep.shape[1] != 1):
+            raise ValueError(f"timestep must be a single value, shape (B,) or (B, 1) with B={B}, "
+                             f"got shape {tuple(timestep.shape)}")
+        timestep = timestep.to(sample.device).reshape(-1).expand(B)  # a single t applies to the whole batch
         t_emb = timestep_embedding(timestep, c.block_out_channels[0]).to(sample.dtype)  # (B, C0)
         temb = self.time_embedding(t_emb)  # (B, 4 C0)
 

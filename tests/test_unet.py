@@ -123,7 +123,6 @@ def test_timestep_embedding_float_timesteps_and_max_period():
     torch.testing.assert_close(emb, torch.tensor(timestep_embedding_by_hand(t, 8, 100.0)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="odd dim returns dim - 1 columns, not the (B, dim) of the docstring", strict=True)
 def test_timestep_embedding_odd_dim_has_dim_columns():
     assert timestep_embedding(torch.tensor([1, 2]), 5).shape == (2, 5)
 
@@ -318,7 +317,6 @@ def test_unet_timestep_column_is_accepted():
         torch.testing.assert_close(unet(x, t[:, None]), unet(x, t))  # (B, 1) as diffusers callers sometimes pass
 
 
-@pytest.mark.xfail(reason="a (2, 2) timestep tensor for a batch of 4 is silently flattened into 4 timesteps", strict=True)
 def test_unet_timestep_matrix_is_a_value_error():
     unet = make_unet(block_out_channels=(16,), attention_levels=(False,), cross_attention_dim=None)
     with pytest.raises(ValueError, match="timestep"):
