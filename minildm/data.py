@@ -157,7 +157,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
@@ -220,7 +220,7 @@ def _read_hub_split(dataset: str, split: str, progress: bool) -> tuple[np.ndarra
 
     hub = datasets.load_dataset(HUB_IDS[dataset], split=split)
     images = [np.asarray(im, dtype=np.uint8) for im in tqdm(hub["image"], desc=dataset, disable=not progress)]
-    return np.stack(images), np.asarray(hub["label"], dtype=np.uint8)
+    return np.stack(images), np.array(list(hub["label"]), dtype=np.uint8)
 
 
 def _load_idx_dataset(dataset, split, root, size, progress, seed, class_names, phrases, templates):
@@ -291,13 +291,28 @@ def _open_with_datasets(name_or_path: str | os.PathLike, split: str):
         ) from e
 
 
-def _find_column(ds, wanted, kind: str, accept) -> str | None:
-    """`wanted` if given (checked), else the first column whose feature `accept`s."""
-    if wanted is not None:
-        if wanted not in ds.column_names:
-            raise ValueError(f"no {kind} column {wanted!r}; the columns are {ds.column_names}")
-        return wanted
-    return next((name for name, feature in ds.features.items() if accept(name, feature)), None)
+def _choose_columns(ds, image_column, caption_column, label_column) -> tuple[str, str | None, str | None]:
+    """Check the columns that were named; find the others from their `datasets` feature type."""
+    import datasets
+
+    for kind, column in (("image", image_column), ("caption", caption_column), ("label", label_column)):
+        if column is not None and column not in ds.column_names:
+            raise ValueError(f"no {kind} column {column!r}; the columns are {ds.column_names}")
+    features = ds.features
+    if image_column is None:
+        found = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        # A parquet file written without `datasets` metadata stores images as {bytes, path}: go by name.
+        found += [name for name in ("image", "img", "images", "pixel_values") if name in features]
+        if not found:
+            raise ValueError(f"found no image column in {ds.column_names}; pass image_column=")
+        image_column = found[0]
+    if caption_column is None:
+        text = [name for name in ("caption", "text", "prompt") if name in features]
+        caption_column = next((name for name in text if getattr(features[name], "dtype", None) == "string"), None)
+    if label_column is None:
+        labels = [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+        label_column = labels[0] if labels else None
+    return image_column, caption_column, label_column
 
 
 def _to_pil(value):
@@ -363,16 +378,7 @@ def load_image_dataset(
     ds = _open_with_datasets(name_or_path, split)
     if max_items is not None:
         ds = ds.select(range(min(max_items, len(ds))))
-    image_column = _find_column(ds, image_column, "image", lambda n, f: isinstance(f, datasets.Image))
-    if image_column is None:  # e.g. a parquet file whose image column was saved as {bytes, path} structs
-        image_column = next((n for n in ("image", "img", "images", "pixel_values") if n in ds.column_names), None)
-    if image_column is None:
-        raise ValueError(f"found no image column in {ds.column_names}; pass image_column=")
-    caption_column = _find_column(
-        ds, caption_column, "caption",
-        lambda n, f: n in ("caption", "text", "prompt") and getattr(f, "dtype", None) == "string",
-    )  # fmt: skip
-    label_column = _find_column(ds, label_column, "label", lambda n, f: isinstance(f, datasets.ClassLabel))
+    image_column, caption_column, label_column = _choose_columns(ds, image_column, caption_column, label_column)
 
     images = torch.empty(len(ds), channels, size, size)
     for i, value in enumerate(tqdm(ds[image_column], desc="images", disable=not progress)):
@@ -382,7 +388,7 @@ def load_image_dataset(
     class_names, templates, phrases = [], [], []
     if label_column is not None:
         feature = ds.features[label_column]
-        labels = torch.as_tensor(ds[label_column], dtype=torch.long)
+        labels = torch.tensor(list(ds[label_column]), dtype=torch.long)
         if isinstance(feature, datasets.ClassLabel):
             class_names = list(feature.names)
         else:  # plain integers: the names are the numbers

@@ -5,8 +5,10 @@ the features of generated images, and measures the Fréchet distance between N(�
 
     d² = ||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½)
 
-The features come from a `SmallClassifier` trained on the dataset itself ("domain FID"), not from
-Inception-v3; `fid` says why. `dataset_classifier` trains that classifier once and caches it.
+The features come from a classifier trained on the dataset itself ("domain FID"), not from
+Inception-v3; `fid` says why. `dataset_classifier` trains that classifier once and caches it:
+
+    image (B, 1, 32, 32) -> SmallClassifier convolutions -> (B, 2w, 8, 8) -> flatten -> linear -> features (B, F)
 
 Depends on classifier.py, checkpoint.py and data.py.
 """
@@ -25,8 +27,7 @@ from .data import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, cache_root, load
 
 DATASET_LOADERS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist}
 DATASET_CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "fashion_mnist": FASHION_MNIST_CLASS_NAMES}
-# Measured on 2 CPU cores at 32x32 (batch 128): see the numbers in `dataset_classifier`.
-DEFAULT_STEPS = {"mnist": 2000, "fashion_mnist": 3000}
+DEFAULT_STEPS = {"mnist": 2000, "fashion_mnist": 3000}  # batches of 128; results in `dataset_classifier`
 
 
 def dataset_classifier(
@@ -44,8 +45,11 @@ def dataset_classifier(
     test split, and saved there, with its test accuracy and training time in training.json. `steps` only
     matters when training; delete the folder to train again. `root` is passed on to the data loader.
 
-    Width 16 instead of the default 32: five times faster to train, and a 64-dimensional feature space,
-    whose covariance is estimated well from a few thousand samples.
+    A `SmallClassifier` with an 8x8 pooling grid (see classifier.py) and width 16 instead of the default
+    32: five times faster to train, and a 64-dimensional feature space, whose covariance is estimated
+    well from a few thousand samples.
+    Measured (32x32, default steps, one thread of a shared 2-core machine): MNIST 99.2% test accuracy
+    in 160 s, Fashion-MNIST 91.9% in 250 s.
     """
     if name not in DATASET_LOADERS:
         raise ValueError(f"name must be one of {sorted(DATASET_LOADERS)}, got {name!r}")
@@ -57,7 +61,7 @@ def dataset_classifier(
     steps = steps if steps is not None else DEFAULT_STEPS[name]
     train = DATASET_LOADERS[name]("train", root=root, size=size, progress=progress)
     test = DATASET_LOADERS[name]("test", root=root, size=size, progress=progress)
-    config = ClassifierConfig(width=16, feature_dim=64, class_names=list(DATASET_CLASS_NAMES[name]))
+    config = ClassifierConfig(width=16, feature_dim=64, class_names=list(DATASET_CLASS_NAMES[name]), pool_grid=8)
     model = SmallClassifier(config)
     start = time.perf_counter()
     train_classifier(model, train.images, train.labels, steps=steps, progress=progress)
@@ -93,9 +97,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     Why this form: the usual code takes scipy's sqrtm(Σ1 Σ2). Σ1 Σ2 is not symmetric, so its square root
     is computed by a general (Schur) method that can return complex numbers and is unstable when the
     covariances are near-singular, as they are when there are fewer samples than features. Σ1^½ Σ2 Σ1^½
-    has the same eigenvalues (it is similar to Σ1 Σ2) but is symmetric positive semi-definite, so a
-    symmetric eigendecomposition, which is backward stable and has real eigenvalues, gives both square
-    roots; Tr(M^½) is simply Σ √λ_i(M). All in float64, with rounding-level negative eigenvalues set to 0.
+    has the same eigenvalues as Σ1 Σ2 (they are BA and AB for A = Σ1^½, B = Σ1^½ Σ2) but is symmetric
+    positive semi-definite, so a symmetric eigendecomposition, which is backward stable and has real
+    eigenvalues, gives both square roots; Tr(M^½) is simply Σ √λ_i(M). All in float64, with
+    rounding-level negative eigenvalues set to 0.
     """
     mu1, mu2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
     sigma1, sigma2 = _as_float64(sigma1, "sigma1"), _as_float64(sigma2, "sigma2")
@@ -118,9 +123,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def _check_images(images, classifier: SmallClassifier, what: str, min_count: int = 1) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError(f"{what} must be a float tensor (N, C, H, W) in [-1, 1], got {type(images).__name__}"
-                        + (f" of {images.dtype}" if isinstance(images, torch.Tensor) else ""))  # fmt: skip
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what} must be a float tensor (N, C, H, W) in [-1, 1], got a {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{what} must be a float tensor in [-1, 1], got {images.dtype}; use x / 127.5 - 1 for uint8")
     channels = classifier.config.in_channels
     if images.ndim != 4 or images.shape[1] != channels:
         raise ValueError(f"{what} must have shape (N, {channels}, H, W), got {tuple(images.shape)}")
@@ -158,6 +164,8 @@ def fid(real_images: torch.Tensor, generated_images: torch.Tensor, classifier: S
 
     The numbers are only comparable within one classifier (same weights, same image size), and FID is
     biased upward for few samples: compare models with the same number of images (a few thousand).
+    Take a random subset of the real images: the MNIST test set is ordered (its first and last 5000
+    come from different writers, FID 74 between them, against 4 between two random halves).
     """
     _check_images(real_images, classifier, "real_images", min_count=2)
     _check_images(generated_images, classifier, "generated_images", min_count=2)

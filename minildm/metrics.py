@@ -38,7 +38,7 @@ FOREGROUND_THRESHOLD = 0.3
 # Generated samples may overshoot [0, 1] a little; anything further out is the wrong convention.
 RANGE_TOLERANCE = 0.1
 # Bump when the rendering or the checker changes, so that cached checkers are retrained.
-CHECKER_VERSION = 1
+CHECKER_VERSION = 2
 ATTRIBUTE_NAMES = ("color", "shape", "size", "position")
 
 

@@ -49,7 +49,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 # Fractions of the image side. The corner anchors sit at 0.33 rather than 0.25 so that the largest
 # shape (a large triangle, jittered to its biggest, moved towards the corner) still fits: its apex
 # reaches 0.33 - 0.04 - 1.3 * 0.2 * 1.08 = 0.009 > 0.
-SIZE_RADII = {"small": 0.1, "large": 0.2}
+# Small shapes are 0.12 (about 8 px across at 32 px), not smaller: at f = 4 a small shape spans two latent
+# pixels, and below that a small square and a small circle come back from the autoencoder as the same blob.
+SIZE_RADII = {"small": 0.12, "large": 0.2}
 POSITION_ANCHORS: dict[str, tuple[float, float]] = {  # (x, y), y downwards
     "top left": (0.33, 0.33),
     "top right": (0.67, 0.33),
@@ -57,8 +59,8 @@ POSITION_ANCHORS: dict[str, tuple[float, float]] = {  # (x, y), y downwards
     "bottom right": (0.67, 0.67),
     "center": (0.50, 0.50),
 }
-# Radius x uniform(0.92, 1.08). The large/small area ratio is 4 nominally and, for one shape, never
-# below (0.2 * 0.92 / (0.1 * 1.08))^2 = 2.9.
+# Radius x uniform(0.92, 1.08). The large/small area ratio is 2.8 nominally and, for one shape, never
+# below (0.2 * 0.92 / (0.12 * 1.08))^2 = 2.0.
 SIZE_JITTER = 0.08
 # Centre +- 0.04 of the side (1.3 px at 32 px): a corner shape moved towards the centre stays 0.045
 # of the side short of the halfway line between the two anchors, so its position is never ambiguous.

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .autoencoder import AutoencoderKL
 from .checkpoint import atomic_write_json, load_module_weights, load_weights, read_json, save_weights
+from .discriminator import PatchDiscriminator, generator_loss, hinge_discriminator_loss
 from .ldm import LatentDiffusion
 
 
@@ -180,13 +181,21 @@ def train_autoencoder(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    discriminator: PatchDiscriminator | None = None,
+    discriminator_weight: float = 0.1,
+    discriminator_start: int = 0,
     callback=None,
     callback_every: int | None = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     """Train the autoencoder on images (N, C, H, W) in [-1, 1]; then estimate its scaling factor.
 
-    Returns the history: per-step "loss", "reconstruction" (L1) and "kl", plus "seconds" and "steps".
+    With a `discriminator` (discriminator.py), from step `discriminator_start` on each step also trains
+    it on real vs reconstructed images and adds `discriminator_weight` times the adversarial loss. Its
+    weights are checkpointed; its optimizer restarts on resume, so that resume is not bit-exact.
+
+    Returns the history: per-step "loss", "reconstruction" (L1) and "kl" (and "discriminator",
+    "adversarial" once the discriminator is on), plus "seconds" and "steps".
     """
     if images.ndim != 4 or images.shape[1] != autoencoder.config.in_channels:
         raise ValueError(f"images must have shape (N, {autoencoder.config.in_channels}, H, W), "
@@ -194,15 +203,31 @@ def train_autoencoder(
     device = pick_device(device)
     autoencoder.to(device).train().requires_grad_(True)  # a LatentDiffusion freezes it; here it learns
     parameters = list(autoencoder.parameters())
+    modules: dict[str, nn.Module] = {"autoencoder": autoencoder}
+    if discriminator is not None:
+        discriminator.to(device).train()
+        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        modules["discriminator"] = discriminator
+    step = 0
 
     def loss_fn(generator):
+        nonlocal step
         idx = torch.randint(0, len(images), (batch_size,), generator=generator)
-        loss, _, parts = autoencoder.training_loss(images[idx].to(device), kl_weight, generator=None)
+        x = images[idx].to(device)
+        loss, reconstruction, parts = autoencoder.training_loss(x, kl_weight, generator=generator)
+        if discriminator is not None and step >= discriminator_start:
+            d_loss = hinge_discriminator_loss(discriminator(x), discriminator(reconstruction.detach()))
+            d_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_optimizer.step()
+            g_loss = generator_loss(discriminator(reconstruction))
+            loss = loss + discriminator_weight * g_loss
+            parts = {**parts, "discriminator": d_loss.detach(), "adversarial": g_loss.detach()}
+        step += 1
         return loss, parts
 
-    history = _run("autoencoder", loss_fn, parameters, {"autoencoder": autoencoder}, steps, lr, max_minutes,
-                   grad_clip, None, device, seed, checkpoint_dir, checkpoint_every, resume, callback,
-                   callback_every, progress)
+    history = _run("autoencoder", loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, None, device,
+                   seed, checkpoint_dir, checkpoint_every, resume, callback, callback_every, progress)
     autoencoder.eval()
     autoencoder.estimate_scaling_factor(images[:2048].to(device))
     return history

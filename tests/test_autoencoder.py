@@ -137,11 +137,13 @@ def test_training_loss_parts_written_out():
         q = Normal(posterior.mean.double(), posterior.std.double())
         kl_per_image = kl_divergence(q, Normal(0.0, 1.0)).sum(dim=(1, 2, 3))  # (B,)
     expected_rec = (x - expected_reconstruction).abs().mean()
+    expected_l2 = (x - expected_reconstruction).pow(2).mean()
     expected_kl = kl_per_image.mean() / (3 * 8 * 8)  # per pixel value
     torch.testing.assert_close(reconstruction.detach(), expected_reconstruction)
     torch.testing.assert_close(parts["reconstruction"], expected_rec)
     torch.testing.assert_close(parts["kl"].double(), expected_kl, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(loss.detach().double(), expected_rec.double() + kl_weight * expected_kl,
+    expected_loss = expected_rec.double() + expected_l2.double() + kl_weight * expected_kl
+    torch.testing.assert_close(loss.detach().double(), expected_loss,
                                rtol=1e-5, atol=1e-7)
     assert loss.requires_grad and not parts["kl"].requires_grad
 

@@ -22,6 +22,8 @@ from minildm.data import (
     read_idx,
 )
 
+READ_HUB_SPLIT = data._read_hub_split  # kept before the fixture below replaces it
+
 # The tests may know the repository layout (the package may not): /work/main/tests -> /work/shared/data.
 DATA_ROOT = Path(os.environ.get("MINILDM_DATA") or Path(__file__).parents[1].parent / "shared" / "data")
 needs_real_data = pytest.mark.skipif(
@@ -41,10 +43,10 @@ def isolated_places(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILDM_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
 
-    def no_hub(dataset, split):
+    def offline_hub(dataset, split, progress):
         raise ConnectionError("offline in tests")
 
-    monkeypatch.setattr(data, "_read_hub_split", lambda dataset, split, progress: no_hub(dataset, split))
+    monkeypatch.setattr(data, "_read_hub_split", offline_hub)
 
 
 def write_idx(path: Path, array: np.ndarray, code: int, compress: bool = True) -> None:
@@ -187,6 +189,29 @@ def test_nothing_anywhere_lists_every_place(tmp_path, monkeypatch):
     assert str(tmp_path / "empty_cache" / "data") in message
     assert "Hugging Face hub" in message and "offline in tests" in message
     assert "root=" in message
+
+
+def test_hub_fallback_converts_rows(monkeypatch):
+    # Stand in for the hub with a two-row dataset shaped like ylecun/mnist: PIL images and a ClassLabel.
+    import datasets
+    from PIL import Image
+
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("L", (28, 28), 0), Image.new("L", (28, 28), 255)], "label": [3, 9]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+    asked = []
+
+    def fake_load_dataset(name, split):
+        asked.append((name, split))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "_read_hub_split", READ_HUB_SPLIT)
+    ds = load_mnist("test", size=32, progress=False)
+    assert asked == [("ylecun/mnist", "test")]
+    assert ds.labels.tolist() == [3, 9] and ds.images.shape == (2, 1, 32, 32)
+    assert ds.images[0].max() == -1.0 and ds.images[1, :, 2:30, 2:30].min() == 1.0
 
 
 def test_argument_errors(tmp_path):

@@ -25,8 +25,9 @@ def random_covariance(d: int, rank: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_classifier() -> SmallClassifier:
     torch.manual_seed(0)
-    model = SmallClassifier(ClassifierConfig(width=4, feature_dim=8, class_names=[str(k) for k in range(10)]))
-    images = torch.rand(64, 1, 16, 16) * 2 - 1
+    names = [str(k) for k in range(10)]
+    model = SmallClassifier(ClassifierConfig(width=4, feature_dim=8, class_names=names, pool_grid=8))
+    images = torch.rand(64, 1, 32, 32) * 2 - 1
     train_classifier(model, images, torch.arange(64) % 10, steps=3, batch_size=16, progress=False)
     return model
 
@@ -87,8 +88,16 @@ def test_accepts_torch_and_rejects_bad_shapes():
 # ------------------------------------------------------------------------------------ features and FID
 
 
+def test_layout_classifier_shapes(tiny_classifier):
+    for side in (28, 32):
+        features = tiny_classifier.features(torch.zeros(3, 1, side, side))
+        assert features.shape == (3, 8) and tiny_classifier(torch.zeros(3, 1, side, side)).shape == (3, 10)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        tiny_classifier.features(torch.zeros(3, 3, 32, 32))
+
+
 def test_feature_statistics_match_manual(tiny_classifier):
-    images = torch.rand(40, 1, 16, 16) * 2 - 1
+    images = torch.rand(40, 1, 32, 32) * 2 - 1
     mu, sigma = feature_statistics(images, tiny_classifier, batch_size=7)
     with torch.no_grad():
         features = tiny_classifier.features(images).double().numpy()
@@ -97,14 +106,14 @@ def test_feature_statistics_match_manual(tiny_classifier):
 
 
 def test_fid_of_a_set_with_itself_is_zero(tiny_classifier):
-    images = torch.rand(50, 1, 16, 16) * 2 - 1
+    images = torch.rand(50, 1, 32, 32) * 2 - 1
     assert fid(images, images, tiny_classifier) == pytest.approx(0.0, abs=1e-6)
-    other = torch.rand(50, 1, 16, 16) * 2 - 1
+    other = torch.rand(50, 1, 32, 32) * 2 - 1
     assert fid(images, -other.abs(), tiny_classifier) > fid(images, other, tiny_classifier)
 
 
 def test_fid_input_errors(tiny_classifier):
-    images = torch.rand(10, 1, 16, 16)
+    images = torch.rand(10, 1, 32, 32)
     with pytest.raises(ValueError, match="same \\(C, H, W\\)"):
         fid(images, torch.rand(10, 1, 8, 8), tiny_classifier)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
@@ -114,11 +123,11 @@ def test_fid_input_errors(tiny_classifier):
     with pytest.raises(ValueError, match="at least 2"):
         fid(images[:1], images, tiny_classifier)
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
-        fid(images.expand(10, 3, 16, 16), images, tiny_classifier)
+        fid(images.expand(10, 3, 32, 32), images, tiny_classifier)
 
 
 def test_label_accuracy(tiny_classifier):
-    images = torch.rand(30, 1, 16, 16) * 2 - 1
+    images = torch.rand(30, 1, 32, 32) * 2 - 1
     predicted = tiny_classifier.predict(images)
     assert label_accuracy(images, predicted, tiny_classifier) == 1.0
     wrong = (predicted + 1) % 10
@@ -157,7 +166,7 @@ def test_psnr_errors():
 def test_save_load_round_trip(tiny_classifier, tmp_path):
     tiny_classifier.save(tmp_path / "clf")
     loaded = SmallClassifier.load(tmp_path / "clf")
-    images = torch.rand(20, 1, 16, 16) * 2 - 1
+    images = torch.rand(20, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), tiny_classifier(images), rtol=0, atol=0)
     mu1, sigma1 = feature_statistics(images, tiny_classifier)
@@ -169,7 +178,7 @@ def test_dataset_classifier_reads_cache(tiny_classifier, tmp_path, monkeypatch):
     # A classifier already in the cache is loaded, not trained (root points nowhere, so training would fail).
     tiny_classifier.save(tmp_path / "explicit" / "mnist_32")
     loaded = dataset_classifier("mnist", root=tmp_path / "nowhere", cache_dir=tmp_path / "explicit")
-    images = torch.rand(5, 1, 16, 16) * 2 - 1
+    images = torch.rand(5, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(images), tiny_classifier(images))
     monkeypatch.setenv("MINILDM_CACHE", str(tmp_path / "env"))

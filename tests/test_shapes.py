@@ -115,10 +115,10 @@ def test_render_rejects_tiny_images():
         render(HELD_OUT[0], size=8)
 
 
-def test_large_shapes_cover_more_than_three_times_the_area_of_small_ones():
+def test_large_shapes_cover_more_than_twice_the_area_of_small_ones():
     for shape in SHAPES:
         area = {s: brightness(render(ShapeAttributes("red", shape, s, "center"))).sum() for s in SIZES}
-        assert area["large"] > 3 * area["small"], shape
+        assert area["large"] > 2.5 * area["small"], shape  # 2.8 nominally (SIZE_RADII)
 
 
 def test_centroid_sits_on_the_anchor_and_colour_is_the_palette_colour():

@@ -117,3 +117,49 @@ def test_nan_loss_stops_with_the_step():
     images[:] = float("nan")
     with pytest.raises(FloatingPointError, match="step 0"):
         train_ldm(ldm, images, CAPTIONS * 3, steps=3, batch_size=4, device="cpu", progress=False)
+
+
+def test_discriminator_hinge_losses():
+    from minildm.discriminator import generator_loss, hinge_discriminator_loss
+
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 3.0])
+    # ½ mean(ReLU(1 - l_real)) + ½ mean(ReLU(1 + l_fake)), written out
+    expected = 0.5 * ((0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 4.0) / 3)
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(expected)
+    assert generator_loss(fake).item() == pytest.approx(-1 / 3)
+
+
+def test_train_autoencoder_with_a_discriminator():
+    from minildm.discriminator import PatchDiscriminator
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
+    discriminator = PatchDiscriminator(width=8, num_layers=2)
+    assert discriminator(torch.zeros(2, 3, 16, 16)).shape == (2, 1, 4, 4)  # one logit per patch
+    before = [p.detach().clone() for p in discriminator.parameters()]
+    history = train_autoencoder(ae, tiny_images(), steps=6, batch_size=4, device="cpu", progress=False,
+                                discriminator=discriminator, discriminator_start=2)
+    assert len(history["discriminator"]) == 4 and len(history["adversarial"]) == 4  # from step 2 on
+    assert any(not torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))
+
+
+def test_train_autoencoder_resume_is_bit_identical(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        return AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
+
+    straight = fresh()
+    train_autoencoder(straight, tiny_images(), steps=4, batch_size=4, device="cpu", progress=False)
+
+    def crash(step):
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train_autoencoder(fresh(), tiny_images(), steps=4, batch_size=4, device="cpu", progress=False,
+                          checkpoint_dir=tmp_path, checkpoint_every=2, callback=crash, callback_every=2)
+    resumed = fresh()
+    train_autoencoder(resumed, tiny_images(), steps=4, batch_size=4, device="cpu", progress=False,
+                      checkpoint_dir=tmp_path, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
