@@ -43,8 +43,8 @@ class DemoConfig:
     ae_channels: tuple[int, ...] = (16, 32, 64)
     ae_norm_groups: int = 8
     latent_channels: int = 4
-    ae_steps: int = 1500
-    ae_batch_size: int = 32
+    ae_steps: int = 2400  # small batches, many steps: for these images, steps matter more than batch size
+    ae_batch_size: int = 16
     ae_lr: float = 2e-3
     ae_share: float = 0.3
     # stage 2: the latent diffusion model
@@ -53,7 +53,7 @@ class DemoConfig:
     unet_norm_groups: int = 16
     text_hidden_size: int = 128
     text_layers: int = 2
-    ldm_steps: int = 4000
+    ldm_steps: int = 8000  # an upper bound: on a 2-core CPU the time budget (ldm_share) ends training first
     ldm_batch_size: int = 64
     ldm_lr: float = 1e-3
     ldm_share: float = 0.55
@@ -61,7 +61,7 @@ class DemoConfig:
     # evaluation
     num_inference_steps: int = 25
     guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = 2
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -69,7 +69,7 @@ class DemoConfig:
         """A few seconds end to end, for tests: the same pipeline, nothing learned."""
         return cls(minutes=1.0, num_images=256, ae_channels=(8, 16, 16), ae_steps=3, ae_batch_size=8,
                    unet_channels=(32, 32), unet_norm_groups=8, text_hidden_size=32, text_layers=1, ldm_steps=3,
-                   ldm_batch_size=8, num_inference_steps=2, guidance_scales=(1.0, 3.0))
+                   ldm_batch_size=8, num_inference_steps=2, guidance_scales=(1.0, 3.0), samples_per_prompt=1)
 
 
 def build_autoencoder(config: DemoConfig) -> AutoencoderKL:
@@ -90,7 +90,7 @@ def build_model(config: DemoConfig, autoencoder: AutoencoderKL, captions: list[s
 
 @torch.no_grad()
 def evaluate_adherence(ldm: LatentDiffusion, checker: ShapesChecker, guidance_scales, num_inference_steps: int = 25,
-                       samples_per_prompt: int = 1, seed: int = 0) -> dict:
+                       samples_per_prompt: int = 2, seed: int = 0) -> dict:
     """Sample the canonical prompt of every attribute combination at each guidance scale and score it.
 
     Returns {scale: {"all": {...rates}, "seen": {...}, "held_out": {...}}, "images": {scale: tensor}}.
@@ -191,8 +191,11 @@ def write_pictures(ldm: LatentDiffusion, evaluation: dict, best_scale: str, out:
     denoising.gif: eight prompts denoised step by step."""
     prompts = evaluation["prompts"]
     images = evaluation["images"][best_scale]
-    held = [i for i, p in enumerate(prompts) if any(p == c for c, a in evaluation_prompts("heldout"))]
-    order = held + [i for i in range(len(prompts)) if i not in held][: 32 - len(held)]
+    held_out_prompts = {prompt for prompt, _ in evaluation_prompts("heldout")}
+    unique = range(len(evaluation_prompts("all")))  # with several samples per prompt, show the first of each
+    held = [i for i in unique if prompts[i] in held_out_prompts]
+    others = [i for i in unique if prompts[i] not in held_out_prompts]
+    order = held + others[:: max(1, len(others) // (32 - len(held)))][: 32 - len(held)]  # spread over colours
     titles = [("* " if i in held else "") + prompts[i] for i in order]
     fig = viz.show_images(images[order], titles, ncols=8,
                           suptitle=f"minildm samples, guidance {best_scale} (* = combination held out of training)")
