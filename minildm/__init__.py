@@ -1,1 +1,34 @@
-"""minildm."""
+"""minildm: Latent Diffusion Models (Rombach et al. 2022) from scratch, small enough to read and to train
+on a laptop CPU. Each piece lives in its own module; the names most people need are gathered here:
+
+    from minildm import LatentDiffusion, ShapesDataset, viz
+"""
+
+from . import viz
+from .attention import Attention, BasicTransformerBlock, Transformer2DModel
+from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from .classifier import ClassifierConfig, SmallClassifier
+from .data import LabeledImages, load_fashion_mnist, load_image_dataset, load_mnist
+from .demo import DemoConfig, run_demo
+from .discriminator import PatchDiscriminator
+from .fid import dataset_classifier, fid, frechet_distance, label_accuracy, psnr
+from .ldm import GenerationOutput, LatentDiffusion
+from .metrics import ShapesChecker
+from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
+from .schedule import NoiseSchedule
+from .shapes import HELD_OUT, ShapeAttributes, ShapesDataset
+from .text import TextEncoder, TextEncoderConfig, Tokenizer
+from .train import EMA, pick_device, train_autoencoder, train_ldm
+from .unet import UNet2DConditionModel, UNetConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "viz", "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussianDistribution", "Attention",
+    "BasicTransformerBlock", "Transformer2DModel", "ClassifierConfig", "SmallClassifier", "LabeledImages",
+    "load_fashion_mnist", "load_image_dataset", "load_mnist", "DemoConfig", "run_demo", "PatchDiscriminator",
+    "dataset_classifier", "fid", "frechet_distance", "label_accuracy", "psnr", "GenerationOutput",
+    "LatentDiffusion", "ShapesChecker", "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule",
+    "HELD_OUT", "ShapeAttributes", "ShapesDataset", "TextEncoder", "TextEncoderConfig", "Tokenizer", "EMA",
+    "pick_device", "train_autoencoder", "train_ldm", "UNet2DConditionModel", "UNetConfig",
+]

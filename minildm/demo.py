@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ class DemoConfig:
     num_inference_steps: int = 25
     guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
     samples_per_prompt: int = 2
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def smoke(cls) -> DemoConfig:
