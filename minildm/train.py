@@ -154,7 +154,10 @@ def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, 
         for key, value in parts.items():
             history.setdefault(key, []).append(float(value))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if budget < math.inf:  # with a time budget, the step count is only an upper bound: show the time left
+            bar.set_postfix(loss=f"{loss.item():.4f}", left=f"{max(0.0, budget - elapsed) / 60:.1f} min")
+        else:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0:
             save_training_state(checkpoint_dir, modules, optimizer, ema, generator, step, history)
         if callback is not None and callback_every and step % callback_every == 0:
