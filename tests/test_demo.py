@@ -43,3 +43,17 @@ def test_sample_command_errors(tmp_path, capsys):
     assert "no model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--minutes", "0"])
+
+
+def test_profiles(monkeypatch):
+    from minildm.profile import current_profile, pick
+
+    monkeypatch.setenv("MINILDM_PROFILE", "ci")
+    assert current_profile() == "ci" and pick(ci=1, cpu=2) == 1
+    monkeypatch.setenv("MINILDM_PROFILE", "gpu")
+    assert pick(ci=1, cpu=2) == 2 and pick(ci=1, cpu=2, gpu=3) == 3
+    monkeypatch.delenv("MINILDM_PROFILE")
+    assert current_profile() == "cpu"
+    monkeypatch.setenv("MINILDM_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="MINILDM_PROFILE"):
+        current_profile()
