@@ -19,18 +19,21 @@ exactly this number for its autoencoder. It is stored in the config and saved wi
 
 Notation: f downsampling factor, c latent_channels. Layout and names follow diffusers' AutoencoderKL
 (encoder.down_blocks.0.resnets.0, quant_conv, post_quant_conv, decoder.up_blocks...).
-Depends on resnet.py and attention.py.
+Depends on resnet.py and attention.py (and checkpoint.py for save/load).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .checkpoint import atomic_write_json, load_module_weights, read_json, save_weights
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -245,3 +248,16 @@ class AutoencoderKL(nn.Module):
         latents = torch.cat([self.encode(batch).sample(generator) for batch in batches])  # (N, c, h, w)
         self.config.scaling_factor = float(1.0 / latents.flatten().std())
         return self.config.scaling_factor
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """autoencoder.safetensors + autoencoder.json (the config, scaling factor included), written atomically."""
+        directory = Path(directory)
+        save_weights(self.state_dict(), directory / "autoencoder.safetensors")
+        atomic_write_json(directory / "autoencoder.json", asdict(self.config))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> AutoencoderKL:
+        directory = Path(directory)
+        model = cls(AutoencoderConfig(**read_json(directory / "autoencoder.json")))
+        load_module_weights(model, directory / "autoencoder.safetensors")
+        return model.eval()

@@ -256,3 +256,13 @@ def test_for_factor_refuses_other_factors(f):
 def test_bad_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoencoderConfig(**kwargs)
+
+
+def test_save_load_round_trip(tmp_path):
+    ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4, scaling_factor=0.3))
+    ae.save(tmp_path / "ae")
+    loaded = AutoencoderKL.load(tmp_path / "ae")
+    assert loaded.scaling_factor == 0.3
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ae.eval()(x), loaded(x))
