@@ -25,15 +25,14 @@ Depends on resnet.py and attention.py (and checkpoint.py for save/load).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .checkpoint import atomic_write_json, load_module_weights, read_json, save_weights
+from .checkpoint import load_module, save_module
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -251,13 +250,8 @@ class AutoencoderKL(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """autoencoder.safetensors + autoencoder.json (the config, scaling factor included), written atomically."""
-        directory = Path(directory)
-        save_weights(self.state_dict(), directory / "autoencoder.safetensors")
-        atomic_write_json(directory / "autoencoder.json", asdict(self.config))
+        save_module(self, self.config, directory, "autoencoder")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> AutoencoderKL:
-        directory = Path(directory)
-        model = cls(AutoencoderConfig(**read_json(directory / "autoencoder.json")))
-        load_module_weights(model, directory / "autoencoder.safetensors")
-        return model.eval()
+        return load_module(cls, AutoencoderConfig, directory, "autoencoder")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -134,6 +135,21 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
             problems.append(f"{name}: expected dtype {e.dtype}, found {f.dtype}")
     if problems:
         raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
+
+
+def save_module(module: torch.nn.Module, config, directory: str | os.PathLike, name: str) -> None:
+    """`name`.safetensors (weights) and `name`.json (the dataclass `config`) in `directory`, both atomic."""
+    directory = Path(directory)
+    save_weights(module.state_dict(), directory / f"{name}.safetensors")
+    atomic_write_json(directory / f"{name}.json", asdict(config))
+
+
+def load_module(module_class, config_class, directory: str | os.PathLike, name: str):
+    """The inverse of save_module: build module_class(config_class(**json)), load and check its weights."""
+    directory = Path(directory)
+    module = module_class(config_class(**read_json(directory / f"{name}.json")))
+    load_module_weights(module, directory / f"{name}.safetensors")
+    return module.eval()
 
 
 def load_module_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:

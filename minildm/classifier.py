@@ -17,15 +17,14 @@ Depends on checkpoint.py only.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json, load_module_weights, read_json, save_weights
+from .checkpoint import load_module, save_module
 
 
 @dataclass
@@ -80,17 +79,12 @@ class SmallClassifier(nn.Module):
         return (self.predict(images) == labels.to(images.device)).float().mean().item()
 
     def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self.state_dict(), directory / "classifier.safetensors")
-        atomic_write_json(directory / "classifier.json", asdict(self.config))
+        """classifier.safetensors + classifier.json in `directory`."""
+        save_module(self, self.config, directory, "classifier")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SmallClassifier:
-        directory = Path(directory)
-        model = cls(ClassifierConfig(**read_json(directory / "classifier.json")))
-        load_module_weights(model, directory / "classifier.safetensors")
-        return model.eval()
+        return load_module(cls, ClassifierConfig, directory, "classifier")
 
 
 def train_classifier(

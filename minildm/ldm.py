@@ -140,7 +140,7 @@ class LatentDiffusion(nn.Module):
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
     def guided_model_output(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                            uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+                            uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched UNet call. t: one timestep."""
         if guidance_scale == 1.0:  # the guided output is exactly the conditional one: skip half the work
             return self.unet(latents, t, cond)
@@ -191,7 +191,8 @@ class LatentDiffusion(nn.Module):
         scheduler = self.make_sampler(sampler, eta)
         scheduler.set_timesteps(num_inference_steps)
         cond = self.text_encoder.encode(prompts)  # (B, L, D)
-        uncond = self.text_encoder.encode([""] * len(prompts))  # (B, L, D)
+        # The empty prompt's states, (B, L, D); guidance 1 is the conditional model alone and needs none.
+        uncond = self.text_encoder.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         shape = (len(prompts), *self.latent_shape)
         latents = torch.randn(shape, generator=generator).to(self.device)  # z_T ~ N(0, I)
         trajectory, predictions = [latents], []

@@ -141,8 +141,9 @@ def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, 
             group["lr"] = cosine_lr(lr, max(step / steps, elapsed / budget))
         with autocast:
             loss, parts = loss_fn(generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: the loss is {loss.item()} at step {step}; lower the learning rate")
+        loss_value = loss.item()  # one device sync per step, reused below
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{name}: the loss is {loss_value} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
@@ -150,14 +151,14 @@ def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, 
         if ema is not None:
             ema.update(parameters)
         step += 1
-        history["loss"].append(loss.item())
+        history["loss"].append(loss_value)
         for key, value in parts.items():
             history.setdefault(key, []).append(float(value))
         bar.update(1)
         if budget < math.inf:  # with a time budget, the step count is only an upper bound: show the time left
-            bar.set_postfix(loss=f"{loss.item():.4f}", left=f"{max(0.0, budget - elapsed) / 60:.1f} min")
+            bar.set_postfix(loss=f"{loss_value:.4f}", left=f"{max(0.0, budget - elapsed) / 60:.1f} min")
         else:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
         if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0:
             save_training_state(checkpoint_dir, modules, optimizer, ema, generator, step, history)
         if callback is not None and callback_every and step % callback_every == 0:
