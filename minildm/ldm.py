@@ -12,7 +12,10 @@ Sampling with classifier-free guidance (Ho & Salimans 2022, eq. 6, in the ε for
 
     ε̂ = ε_θ(z_t, t, τ("")) + s · (ε_θ(z_t, t, τ(y)) - ε_θ(z_t, t, τ("")))
 
-s = 1 is the plain conditional model; s > 1 trades diversity for prompt adherence. The loop is
+s = 1 is the plain conditional model; s > 1 trades diversity for prompt adherence.
+
+With `autoencoder=None` the same model diffuses pixels directly (z_0 = x, the paper's LDM-1, f = 1):
+the baseline that shows what the latent space buys. The loop is
 `generate()`: start from z_T ~ N(0, I), call the sampler's `step` once per timestep, decode
 D(z_0 / scaling_factor). It is short on purpose: copy it and change it.
 
@@ -53,7 +56,7 @@ class GenerationOutput:
 class LatentDiffusion(nn.Module):
     def __init__(
         self,
-        autoencoder: AutoencoderKL,
+        autoencoder: AutoencoderKL | None,
         unet: UNet2DConditionModel,
         schedule: NoiseSchedule,
         text_encoder: TextEncoder,
@@ -61,18 +64,22 @@ class LatentDiffusion(nn.Module):
         image_size: int = 32,
     ):
         super().__init__()
-        if unet.config.in_channels != autoencoder.config.latent_channels:
+        if autoencoder is not None and unet.config.in_channels != autoencoder.config.latent_channels:
             raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the autoencoder makes "
                              f"{autoencoder.config.latent_channels}-channel latents")
+        if autoencoder is None and unet.config.in_channels != unet.config.out_channels:
+            raise ValueError(f"in pixel space (autoencoder=None) the UNet must output as many channels as it takes, "
+                             f"got in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}")
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
             raise ValueError(f"the UNet's cross_attention_dim={unet.config.cross_attention_dim} must equal the text "
                              f"encoder's hidden_size={text_encoder.config.hidden_size}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        f = autoencoder.config.downsampling_factor
+        f = autoencoder.config.downsampling_factor if autoencoder is not None else 1
         if image_size % (f * 2 ** (len(unet.config.block_out_channels) - 1)):
             raise ValueError(f"image_size={image_size} must divide by f={f} times the UNet's total downsampling")
-        self.autoencoder = autoencoder.requires_grad_(False)  # the first stage is trained separately, then frozen
+        # The first stage is trained separately, then frozen; None means pixel space.
+        self.autoencoder = autoencoder.requires_grad_(False) if autoencoder is not None else None
         self.unet = unet
         self.text_encoder = text_encoder
         self.schedule = schedule
@@ -85,6 +92,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        if self.autoencoder is None:
+            return (self.unet.config.in_channels, self.image_size, self.image_size)
         h = self.image_size // self.autoencoder.config.downsampling_factor
         return (self.autoencoder.config.latent_channels, h, h)
 
@@ -93,12 +102,17 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents z_0 = scaling_factor · E(x), (B, c, h, w)."""
+        if self.autoencoder is None:
+            return images  # pixel space: z_0 = x
         return self.autoencoder.encode(images).sample(generator) * self.autoencoder.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, c, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        images = self.autoencoder.decode(latents / self.autoencoder.scaling_factor)  # in [-1, 1], roughly
+        if self.autoencoder is None:
+            images = latents
+        else:
+            images = self.autoencoder.decode(latents / self.autoencoder.scaling_factor)  # in [-1, 1], roughly
         return ((images + 1) / 2).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -255,7 +269,7 @@ class LatentDiffusion(nn.Module):
             "prediction_type": self.prediction_type,
             "schedule": {"beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps,
                          "beta_start": s.beta_start, "beta_end": s.beta_end},
-            "autoencoder": asdict(self.autoencoder.config),
+            "autoencoder": asdict(self.autoencoder.config) if self.autoencoder is not None else None,
             "unet": asdict(self.unet.config),
             "text_encoder": asdict(self.text_encoder.config),
             "tokenizer": {"max_length": tokenizer.max_length},
@@ -266,7 +280,8 @@ class LatentDiffusion(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "vocab.json", self.text_encoder.tokenizer.vocab)
-        save_weights(self.autoencoder.state_dict(), directory / "autoencoder.safetensors")
+        if self.autoencoder is not None:
+            save_weights(self.autoencoder.state_dict(), directory / "autoencoder.safetensors")
         save_weights(self.unet.state_dict(), directory / "unet.safetensors")
         save_weights(self.text_encoder.state_dict(), directory / "text_encoder.safetensors")
         atomic_write_json(directory / "config.json", self.config_dict())
@@ -277,22 +292,28 @@ class LatentDiffusion(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no model folder at {directory}")
-        missing = [name for name in FILES if not (directory / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{directory} is not a complete minildm model: missing {', '.join(missing)} "
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a minildm model: it has no config.json "
                                     f"(expected {', '.join(FILES)})")
         config = read_json(directory / "config.json")
         if config.get("format") != "minildm.LatentDiffusion":
             raise ValueError(f"{directory / 'config.json'} is not a minildm LatentDiffusion config")
+        pixel_space = config.get("autoencoder", {}) is None
+        expected = [name for name in FILES if not (pixel_space and name == "autoencoder.safetensors")]
+        missing = [name for name in expected if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a complete minildm model: missing {', '.join(missing)} "
+                                    f"(expected {', '.join(expected)})")
         try:
             tokenizer = Tokenizer(read_json(directory / "vocab.json"), config["tokenizer"]["max_length"])
-            autoencoder = AutoencoderKL(AutoencoderConfig(**config["autoencoder"]))
+            autoencoder = None if pixel_space else AutoencoderKL(AutoencoderConfig(**config["autoencoder"]))
             unet = UNet2DConditionModel(UNetConfig(**config["unet"]))
             text_encoder = TextEncoder(TextEncoderConfig(**config["text_encoder"]), tokenizer)
             schedule = NoiseSchedule(**config["schedule"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"{directory / 'config.json'} is missing or has unexpected fields: {e}") from e
-        load_module_weights(autoencoder, directory / "autoencoder.safetensors")
+        if autoencoder is not None:
+            load_module_weights(autoencoder, directory / "autoencoder.safetensors")
         load_module_weights(unet, directory / "unet.safetensors")
         load_module_weights(text_encoder, directory / "text_encoder.safetensors")
         model = cls(autoencoder, unet, schedule, text_encoder, config["prediction_type"], config["image_size"])

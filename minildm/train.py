@@ -240,6 +240,9 @@ def train_autoencoder(
 @torch.no_grad()
 def encode_dataset(ldm: LatentDiffusion, images: torch.Tensor, batch_size: int = 256):
     """Posterior mean and std (N, c, h, w) of every image, computed once for the frozen autoencoder."""
+    if ldm.autoencoder is None:  # pixel space: z_0 = x exactly
+        images = images.to(ldm.device)
+        return images, torch.zeros_like(images)
     ldm.autoencoder.eval()
     means, stds = [], []
     for i in range(0, len(images), batch_size):
@@ -278,9 +281,8 @@ def train_ldm(
         raise ValueError(f"got {len(images)} images but {len(captions)} captions")
     device = pick_device(device)
     ldm.to(device)
-    ldm.autoencoder.requires_grad_(False)
     means, stds = encode_dataset(ldm, images)
-    scale = ldm.autoencoder.scaling_factor
+    scale = ldm.autoencoder.scaling_factor if ldm.autoencoder is not None else 1.0
     ldm.unet.train()
     ldm.text_encoder.train()
     parameters = [p for p in [*ldm.unet.parameters(), *ldm.text_encoder.parameters()] if p.requires_grad]

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from conftest import CAPTIONS, make_tiny_ldm
 
 from minildm.ldm import LatentDiffusion
+from minildm.schedule import NoiseSchedule
+from minildm.text import TextEncoder
+from minildm.unet import UNet2DConditionModel, UNetConfig
 
 
 def test_generate_shapes_range_and_seed(tiny_ldm):
@@ -175,3 +178,41 @@ def test_load_refuses_pickles(tiny_ldm, tmp_path):
     torch.save(tiny_ldm.unet.state_dict(), tmp_path / "unet.safetensors")  # a pickle under the expected name
     with pytest.raises(ValueError, match="pickle"):
         LatentDiffusion.load(tmp_path)
+
+
+def make_pixel_ldm() -> LatentDiffusion:
+    """No autoencoder: diffusion directly on 3x16x16 pixels (the paper's LDM-1)."""
+    torch.manual_seed(0)
+    text_encoder = TextEncoder.from_captions(CAPTIONS, hidden_size=16, num_layers=1, num_heads=2)
+    unet = UNet2DConditionModel(UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 16),
+                                           attention_levels=(False, True), cross_attention_dim=16,
+                                           attention_head_dim=8, norm_num_groups=4))
+    return LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=16).eval()
+
+
+def test_pixel_space_model_diffuses_the_images_themselves(tmp_path):
+    ldm = make_pixel_ldm()
+    assert ldm.latent_shape == (3, 16, 16)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(ldm.encode_images(images), images)  # z_0 = x
+    assert torch.allclose(ldm.decode_latents(images), (images + 1) / 2)
+    loss_from_images = ldm.training_loss(images, CAPTIONS[:2], generator=torch.Generator().manual_seed(1))
+    loss_from_latents = ldm.latent_training_loss(images, CAPTIONS[:2], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loss_from_images, loss_from_latents)
+    out = ldm.generate(CAPTIONS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16)
+
+    ldm.save(tmp_path / "pixel")
+    assert not (tmp_path / "pixel" / "autoencoder.safetensors").exists()
+    loaded = LatentDiffusion.load(tmp_path / "pixel")
+    assert loaded.autoencoder is None
+    again = loaded.generate(CAPTIONS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_pixel_space_model_needs_matching_channels():
+    text_encoder = TextEncoder.from_captions(CAPTIONS, hidden_size=16, num_layers=1, num_heads=2)
+    unet = UNet2DConditionModel(UNetConfig(in_channels=3, out_channels=4, block_out_channels=(16, 16),
+                                           cross_attention_dim=16, attention_head_dim=8, norm_num_groups=4))
+    with pytest.raises(ValueError, match="pixel space"):
+        LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=16)
