@@ -5,16 +5,21 @@ arbitrary code, so it is refused with a message that says how to convert it on a
 
 Atomic writes: the bytes go to a temporary file in the same folder, are flushed and fsync'ed, and the
 file is renamed over the target. A rename within one folder is atomic, so a reader (or a crash) sees
-either the old file or the new one, whole.
+either the old file or the new one, whole. A model of several files is saved as a whole folder the same
+way (`atomic_directory`): written into a temporary sibling folder, then swapped into place.
 
 Depends on safetensors only.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,9 +65,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    # fsync the folder too, so the rename itself survives a power cut.
+    _fsync_directory(path.parent)  # so that the rename itself survives a power cut
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a folder's list of entries (new names, renames) to the disk."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -73,6 +82,86 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---- whole folders -------------------------------------------------------------------------------------------
+#
+# A model is several files (config, vocabulary, weights), and writing each one atomically is not enough: a
+# crash between two of them leaves new weights next to an old config. So a folder NAME is written whole into a
+# temporary sibling .NAME.partial-XXXX, flushed, and swapped in with two renames:
+#
+#     NAME -> .NAME.old        .NAME.partial-XXXX -> NAME        delete .NAME.old
+#
+# POSIX has no rename that swaps two folders, so for an instant between the renames there is no NAME. A crash
+# there leaves .NAME.old, the previous version, whole: `readable_directory` falls back to it, and the next save
+# tidies up. So after a crash at any moment, NAME, or else .NAME.old, holds one whole version. (A crash while
+# writing leaves a .NAME.partial-XXXX folder, which is never read and is removed by the next save.)
+
+
+def _old_sibling(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def readable_directory(directory: str | os.PathLike) -> Path:
+    """The folder to read a saved model from: `directory`, or, if a save crashed between its two renames,
+    the previous version it left beside it (see atomic_directory)."""
+    directory = Path(directory)
+    old = _old_sibling(directory.resolve())
+    if not directory.exists() and old.is_dir():
+        return old
+    return directory
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)  # instant, and the old folder keeps its copy
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Replace the folder `directory` as a whole: write files into the folder this yields; when the block
+    ends without an error, it takes the place of `directory`. Files already in `directory` that the block
+    does not write (notes, samples) are carried over. One writer at a time per folder.
+
+        with atomic_directory("model") as folder:
+            save_weights(unet.state_dict(), folder / "unet.safetensors")
+            atomic_write_json(folder / "config.json", config)
+    """
+    directory = Path(directory).resolve()  # a symlinked folder: replace the real one, keep the link
+    if directory.parent == directory:
+        raise ValueError(f"directory must be a folder below the filesystem root, got {directory}")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory must be a folder, but {directory} is a file")
+    parent, old = directory.parent, _old_sibling(directory)
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{glob.escape(directory.name)}.partial-*"):  # from a save that crashed
+        shutil.rmtree(stale, ignore_errors=True)
+    new = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.partial-"))
+    try:
+        os.chmod(new, 0o777 & ~_read_umask())  # mkdtemp makes an owner-only folder; use the usual permissions
+        yield new
+        current = readable_directory(directory)
+        if current.is_dir():
+            for entry in current.iterdir():
+                if not os.path.lexists(new / entry.name):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(entry, new / entry.name)
+        _fsync_directory(new)  # the files inside were fsync'ed as they were written
+        if directory.exists():
+            if old.exists():  # left by a save that crashed after its swap: `directory` is the newer one
+                shutil.rmtree(old)
+            os.rename(directory, old)
+        # If `directory` was missing and `old` is there (a crash between the renames), `old` stays until now.
+        os.rename(new, directory)
+        _fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -138,15 +227,15 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
 
 
 def save_module(module: torch.nn.Module, config, directory: str | os.PathLike, name: str) -> None:
-    """`name`.safetensors (weights) and `name`.json (the dataclass `config`) in `directory`, both atomic."""
-    directory = Path(directory)
-    save_weights(module.state_dict(), directory / f"{name}.safetensors")
-    atomic_write_json(directory / f"{name}.json", asdict(config))
+    """`name`.safetensors (weights) and `name`.json (the dataclass `config`) in `directory`, one atomic folder."""
+    with atomic_directory(directory) as folder:
+        save_weights(module.state_dict(), folder / f"{name}.safetensors")
+        atomic_write_json(folder / f"{name}.json", asdict(config))
 
 
 def load_module(module_class, config_class, directory: str | os.PathLike, name: str):
     """The inverse of save_module: build module_class(config_class(**json)), load and check its weights."""
-    directory = Path(directory)
+    directory = readable_directory(directory)
     module = module_class(config_class(**read_json(directory / f"{name}.json")))
     load_module_weights(module, directory / f"{name}.safetensors")
     return module.eval()

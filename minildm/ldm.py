@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import atomic_write_json, load_module_weights, read_json, save_weights
+from .checkpoint import (
+    atomic_directory,
+    atomic_write_json,
+    load_module_weights,
+    read_json,
+    readable_directory,
+    save_weights,
+)
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
@@ -276,20 +282,21 @@ class LatentDiffusion(nn.Module):
         }
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Weights as safetensors, config and vocabulary as JSON; each file written atomically, config last."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(directory / "vocab.json", self.text_encoder.tokenizer.vocab)
-        if self.autoencoder is not None:
-            save_weights(self.autoencoder.state_dict(), directory / "autoencoder.safetensors")
-        save_weights(self.unet.state_dict(), directory / "unet.safetensors")
-        save_weights(self.text_encoder.state_dict(), directory / "text_encoder.safetensors")
-        atomic_write_json(directory / "config.json", self.config_dict())
+        """Weights as safetensors, config and vocabulary as JSON. The folder is replaced as a whole
+        (checkpoint.atomic_directory): a crash leaves the old model or the new one, never a mix, and load()
+        finds it."""
+        with atomic_directory(directory) as folder:
+            atomic_write_json(folder / "vocab.json", self.text_encoder.tokenizer.vocab)
+            if self.autoencoder is not None:
+                save_weights(self.autoencoder.state_dict(), folder / "autoencoder.safetensors")
+            save_weights(self.unet.state_dict(), folder / "unet.safetensors")
+            save_weights(self.text_encoder.state_dict(), folder / "text_encoder.safetensors")
+            atomic_write_json(folder / "config.json", self.config_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> LatentDiffusion:
         """Rebuild from `save()`'s folder, checking every tensor's name, shape and dtype against the config."""
-        directory = Path(directory)
+        directory = readable_directory(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no model folder at {directory}")
         if not (directory / "config.json").is_file():
