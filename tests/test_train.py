@@ -1,5 +1,7 @@
 """Training loops: EMA, learning-rate schedule, loss goes down, exact resume, guarded against NaN."""
 
+import json
+
 import pytest
 import torch
 from conftest import CAPTIONS, make_tiny_ldm
@@ -163,3 +165,139 @@ def test_train_autoencoder_resume_is_bit_identical(tmp_path):
                       checkpoint_dir=tmp_path, resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# --- guarded training ----------------------------------------------------------------------------
+
+
+def tiny_autoencoder():
+    torch.manual_seed(0)
+    return AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
+
+
+def poison_gradient(parameter, at_calls):
+    """Make `parameter`'s gradient NaN on the given backward passes (0-based), as a numerical blow-up would."""
+    calls = []
+
+    def hook(grad):
+        calls.append(len(calls))
+        return grad * float("nan") if calls[-1] in at_calls else grad
+
+    parameter.register_hook(hook)
+
+
+def test_nan_gradient_stops_naming_the_parameter_and_keeps_the_last_checkpoint(tmp_path):
+    from minildm.checkpoint import load_weights, read_json
+
+    ae = tiny_autoencoder()
+    poison_gradient(ae.decoder.conv_out.weight, at_calls={2})
+    with pytest.raises(FloatingPointError) as info:
+        train_autoencoder(ae, tiny_images(), steps=5, batch_size=4, device="cpu", progress=False,
+                          checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    message = str(info.value)
+    assert "the gradient of autoencoder.decoder.conv_out.weight is nan at step 2" in message
+    assert "keeps the checkpoint of step 2" in message
+    assert read_json(tmp_path / "ckpt" / "trainer.json")["step"] == 2  # the bad step wrote nothing
+    saved = load_weights(tmp_path / "ckpt" / "autoencoder.safetensors")
+    for name, value in ae.state_dict().items():  # nor did it change the weights in memory
+        assert torch.equal(saved[name], value), name
+
+
+def test_nan_data_names_the_loss(tmp_path):
+    images = tiny_images()
+    images[:] = float("inf")  # inf - inf in the loss: nan
+    with pytest.raises(FloatingPointError, match="autoencoder: the loss is nan at step 0; no checkpoint was saved"):
+        train_autoencoder(tiny_autoencoder(), images, steps=2, batch_size=4, device="cpu", progress=False,
+                          checkpoint_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 0\. Lower the learning rate"):
+        train_autoencoder(tiny_autoencoder(), images, steps=2, batch_size=4, device="cpu", progress=False)
+
+
+def test_skip_policy_leaves_bad_steps_out_and_counts_them(capsys):
+    ae = tiny_autoencoder()
+    poison_gradient(ae.encoder.conv_in.bias, at_calls={1, 3})
+    history = train_autoencoder(ae, tiny_images(), steps=6, batch_size=4, device="cpu", progress=True,
+                                nan_policy="skip")
+    assert history["skipped_steps"] == [1, 3] and history["steps"] == [6]
+    assert len(history["loss"]) == len(history["reconstruction"]) == 4  # one entry per step taken
+    assert all(torch.isfinite(p).all() for p in ae.parameters())
+    assert "skipped=2" in capsys.readouterr().err  # the progress bar shows the count
+
+
+def test_skipped_steps_change_nothing():
+    ldm = make_tiny_ldm()
+    before = {name: value.clone() for name, value in ldm.state_dict().items()}
+    images = tiny_images(9)
+    images[:] = float("nan")  # every batch is bad: every step is skipped
+    history = train_ldm(ldm, images, CAPTIONS * 3, steps=3, batch_size=4, device="cpu", progress=False,
+                        nan_policy="skip")
+    assert history["skipped_steps"] == [0, 1, 2] and history["loss"] == []
+    for name, value in ldm.state_dict().items():  # EMA copied back in too: still the initial weights
+        assert torch.equal(value, before[name]), name
+
+
+def test_training_arguments_are_checked():
+    ae, images = tiny_autoencoder(), tiny_images(4)
+    cases = [
+        (dict(nan_policy="ignore"), "nan_policy"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=-1.0), "lr"),
+        (dict(grad_clip=0), "grad_clip"),
+        (dict(checkpoint_every=0), "checkpoint_every"),
+        (dict(kl_weight=float("inf")), "kl_weight"),
+        (dict(discriminator_start=-1), "discriminator_start"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=name):
+            train_autoencoder(ae, images, progress=False, **{"steps": 1, **kwargs})
+    with pytest.raises(TypeError, match="images"):
+        train_autoencoder(ae, images.numpy(), steps=1, progress=False)
+    with pytest.raises(TypeError, match="images"):
+        train_autoencoder(ae, images.long(), steps=1, progress=False)
+    with pytest.raises(TypeError, match="captions"):
+        train_ldm(make_tiny_ldm(), tiny_images(3), "one caption", steps=1, progress=False)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_ldm(make_tiny_ldm(), tiny_images(3), CAPTIONS, steps=1, ema_decay=1.0, progress=False)
+
+
+def test_train_autoencoder_with_a_discriminator_resumes_bit_identically(tmp_path):
+    """The discriminator's weights and its optimizer's moments are in the checkpoint too."""
+    from minildm.discriminator import PatchDiscriminator
+
+    def fresh():
+        ae = tiny_autoencoder()
+        return ae, PatchDiscriminator(width=8, num_layers=2)
+
+    settings = dict(steps=5, batch_size=4, device="cpu", progress=False, discriminator_start=1)
+    straight_ae, straight_d = fresh()
+    train_autoencoder(straight_ae, tiny_images(), discriminator=straight_d, **settings)
+
+    def crash(step):
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        ae, d = fresh()
+        train_autoencoder(ae, tiny_images(), discriminator=d, checkpoint_dir=tmp_path, checkpoint_every=3,
+                          callback=crash, callback_every=3, **settings)
+    resumed_ae, resumed_d = fresh()
+    history = train_autoencoder(resumed_ae, tiny_images(), discriminator=resumed_d, checkpoint_dir=tmp_path,
+                                resume=True, **settings)
+    assert len(history["discriminator"]) == 4  # steps 1 to 4, across the interruption
+    for straight, resumed in ((straight_ae, resumed_ae), (straight_d, resumed_d)):
+        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), name
+    # A checkpoint saved without a discriminator (or before its optimizer was saved) says so.
+    meta = json.loads((tmp_path / "trainer.json").read_text())
+    del meta["extra_param_groups"]
+    (tmp_path / "trainer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has no state for the discriminator optimizer"):
+        train_autoencoder(*fresh()[:1], tiny_images(), discriminator=fresh()[1], checkpoint_dir=tmp_path, resume=True,
+                          **settings)
+    (tmp_path / "discriminator.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="discriminator.safetensors"):
+        train_autoencoder(*fresh()[:1], tiny_images(), discriminator=fresh()[1], checkpoint_dir=tmp_path, resume=True,
+                          **settings)
