@@ -1,0 +1,37 @@
+"""course.py: the notebooks' shared models, built at the profile's size and reused from artifacts/."""
+
+import torch
+
+from minildm import course
+from minildm.data import LabeledImages
+
+
+def tiny_digits(n=32):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 32, 32, generator=generator) * 2 - 1
+    labels = torch.arange(n) % 10
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    captions = [f"a handwritten digit {names[k]}" for k in labels.tolist()]
+    return LabeledImages(images, labels, captions, [str(k) for k in range(10)])
+
+
+def test_pixel_and_latent_models_share_the_unet_design(monkeypatch):
+    monkeypatch.setenv("MINILDM_PROFILE", "ci")
+    captions = tiny_digits().captions
+    pixel = course.mnist_model(None, captions)
+    latent = course.mnist_model(course.mnist_autoencoder(4), captions)
+    assert pixel.latent_shape == (1, 32, 32)
+    assert latent.latent_shape == (4, 8, 8)
+    assert pixel.unet.config.block_out_channels == latent.unet.config.block_out_channels
+    assert course.mnist_model(course.mnist_autoencoder(8), captions).latent_shape == (4, 4, 4)
+
+
+def test_autoencoder_is_trained_once_then_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILDM_PROFILE", "ci")
+    data = tiny_digits()
+    first = course.mnist_autoencoder_or_train(data, factor=4, artifacts=tmp_path, minutes=0.02, device="cpu")
+    assert (tmp_path / "autoencoder_mnist_f4_ci" / "autoencoder.json").is_file()
+    again = course.mnist_autoencoder_or_train(data, factor=4, artifacts=tmp_path, device="cpu")
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert again.scaling_factor == first.scaling_factor
