@@ -254,7 +254,9 @@ def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, 
             save_training_state(checkpoint_dir, modules, optimizer, ema, generator, step, history, extra_optimizers)
             saved_step = step
         if callback is not None and callback_every and step % callback_every == 0:
+            began = time.perf_counter()
             callback(step)
+            start += time.perf_counter() - began  # the budget is for training: time in callbacks is not counted
     bar.close()
     history["seconds"] = [time.perf_counter() - start]
     history["steps"] = [step]
@@ -390,7 +392,8 @@ def train_ldm(
     """Train the UNet and the text encoder on (image, caption) pairs; the autoencoder stays frozen.
 
     At the end the EMA weights are copied into the model (they sample better). `callback(step)` runs
-    every `callback_every` steps, e.g. to draw samples. `nan_policy` as in train_autoencoder.
+    every `callback_every` steps, e.g. to draw samples; its time counts neither against `max_minutes` nor
+    in the history's "seconds". `nan_policy` as in train_autoencoder.
     """
     if not isinstance(ldm, LatentDiffusion):
         raise TypeError(f"ldm must be a LatentDiffusion, got {type(ldm).__name__}")

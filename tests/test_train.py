@@ -301,3 +301,20 @@ def test_train_autoencoder_with_a_discriminator_resumes_bit_identically(tmp_path
     with pytest.raises(FileNotFoundError, match="discriminator.safetensors"):
         train_autoencoder(*fresh()[:1], tiny_images(), discriminator=fresh()[1], checkpoint_dir=tmp_path, resume=True,
                           **settings)
+
+
+def test_callback_time_does_not_count_against_the_budget():
+    import time
+
+    ldm = make_tiny_ldm()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    calls = []
+
+    def slow_preview(step):  # e.g. drawing samples: 0.3 s each, 1.5 s in all, against a budget of 0.9 s
+        calls.append(step)
+        time.sleep(0.3)
+
+    history = train_ldm(ldm, images, CAPTIONS[:2] * 2, steps=5, batch_size=2, max_minutes=0.9 / 60,
+                        callback=slow_preview, callback_every=1, progress=False, device="cpu")
+    assert history["steps"] == [5] and calls == [1, 2, 3, 4, 5]
+    assert history["seconds"][0] < 1.5  # training time only, the sleeps excluded
