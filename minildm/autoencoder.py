@@ -24,6 +24,7 @@ Depends on resnet.py and attention.py (and checkpoint.py for save/load).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -50,14 +51,19 @@ class AutoencoderConfig:
         if not 1 <= len(self.block_out_channels) <= 4:
             raise ValueError(f"block_out_channels needs 1 to 4 levels (f = 1, 2, 4 or 8), "
                              f"got {self.block_out_channels}")
+        sizes = {"in_channels": self.in_channels, "latent_channels": self.latent_channels,
+                 "layers_per_block": self.layers_per_block, "norm_num_groups": self.norm_num_groups}
+        sizes.update({f"block_out_channels[{i}]": ch for i, ch in enumerate(self.block_out_channels)})
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (layers_per_block, latent_channels and "
+                                 f"in_channels must be at least 1), got {value!r}")
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups != 0:
                 raise ValueError(f"block_out_channels entries must divide by norm_num_groups={self.norm_num_groups}, "
                                  f"got {ch}")
-        if self.layers_per_block < 1 or self.latent_channels < 1 or self.in_channels < 1:
-            raise ValueError("layers_per_block, latent_channels and in_channels must be at least 1")
-        if not self.scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+        if not isinstance(self.scaling_factor, (int, float)) or not 0 < self.scaling_factor < math.inf:
+            raise ValueError(f"scaling_factor must be positive and finite, got {self.scaling_factor!r}")
 
     @property
     def downsampling_factor(self) -> int:
@@ -203,22 +209,30 @@ class AutoencoderKL(nn.Module):
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
+    def _check_input(self, value, name: str, what: str, channels: int) -> None:
+        weight = self.quant_conv.weight
+        if not torch.is_tensor(value) or value.dtype != weight.dtype:
+            got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
+            raise TypeError(f"{name} must be {what} as a {weight.dtype} tensor like the model's weights, got {got}")
+        if value.device != weight.device:
+            raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+        if value.ndim != 4 or value.shape[1] != channels or 0 in value.shape:
+            raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W) with B, H, W >= 1, "
+                             f"got {tuple(value.shape)}")
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x (B, C, H, W) in [-1, 1] -> q(z | x) over latents (B, c, H/f, W/f). Latents are *not* scaled here."""
         c = self.config
         f = c.downsampling_factor
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"expected images of shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_input(x, "x", "images", c.in_channels)
         if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"image height and width must be multiples of the downsampling factor f={f}, "
+            raise ValueError(f"x (images): height and width must be multiples of the downsampling factor f={f}, "
                              f"got {tuple(x.shape[2:])}")
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, c, h, w) -> images (B, C, h*f, w*f), roughly in [-1, 1] (not clamped)."""
-        if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            c = self.config.latent_channels
-            raise ValueError(f"expected latents of shape (B, {c}, h, w), got {tuple(z.shape)}")
+        self._check_input(z, "z", "latents", self.config.latent_channels)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None):

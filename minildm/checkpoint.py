@@ -13,6 +13,7 @@ Depends on safetensors only.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -49,9 +50,24 @@ def _read_umask() -> int:
     return umask
 
 
+def check_path(path, name: str) -> Path:
+    """`path` (a str or os.PathLike) as a Path, or a TypeError / ValueError that names the argument `name`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (a str or os.PathLike), got {type(path).__name__} {path!r:.60}")
+    path = Path(path)
+    if "\x00" in str(path):
+        raise ValueError(f"{name} must not contain a NUL character, got {str(path)!r:.80}")
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # anything else (missing, not a folder) is for the caller to report
+            raise ValueError(f"{name} is too long for the filesystem: {str(path)!r:.80}") from e
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` is always either the old file or the new one, whole."""
-    path = Path(path)
+    path = check_path(path, "path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -105,7 +121,7 @@ def _old_sibling(directory: Path) -> Path:
 def readable_directory(directory: str | os.PathLike) -> Path:
     """The folder to read a saved model from: `directory`, or, if a save crashed between its two renames,
     the previous version it left beside it (see atomic_directory)."""
-    directory = Path(directory)
+    directory = check_path(directory, "directory")
     old = _old_sibling(directory.resolve())
     if not directory.exists() and old.is_dir():
         return old
@@ -129,7 +145,7 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
             save_weights(unet.state_dict(), folder / "unet.safetensors")
             atomic_write_json(folder / "config.json", config)
     """
-    directory = Path(directory).resolve()  # a symlinked folder: replace the real one, keep the link
+    directory = check_path(directory, "directory").resolve()  # a symlinked folder: replace the real one
     if directory.parent == directory:
         raise ValueError(f"directory must be a folder below the filesystem root, got {directory}")
     if directory.exists() and not directory.is_dir():
@@ -165,7 +181,7 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
+    path = check_path(path, "path")
     if not path.is_file():
         raise FileNotFoundError(f"expected a JSON file at {path}, but there is none")
     try:
@@ -176,6 +192,10 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Save a state dict as safetensors, atomically. Tensors are copied to CPU and made contiguous."""
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in tensors.items()):
+        raise TypeError(f"tensors must be a dict of names (str) to tensors, got {type(tensors).__name__} "
+                        f"{tensors!r:.80}")
+    path = check_path(path, "path")
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     atomic_write_bytes(path, safetensors_save(cpu))
 
@@ -188,7 +208,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file into CPU tensors, with a clear error for missing, pickle or corrupt files."""
-    path = Path(path)
+    path = check_path(path, "path")
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors weights file at {path}, but there is none")
     if path.suffix in {".ckpt", ".pt", ".pth", ".bin", ".pkl"}:
@@ -236,7 +256,11 @@ def save_module(module: torch.nn.Module, config, directory: str | os.PathLike, n
 def load_module(module_class, config_class, directory: str | os.PathLike, name: str):
     """The inverse of save_module: build module_class(config_class(**json)), load and check its weights."""
     directory = readable_directory(directory)
-    module = module_class(config_class(**read_json(directory / f"{name}.json")))
+    config = read_json(directory / f"{name}.json")
+    try:
+        module = module_class(config_class(**config))
+    except (TypeError, ValueError) as e:  # a field missing, unknown, or out of range
+        raise ValueError(f"{directory / f'{name}.json'} is not a valid {config_class.__name__}: {e}") from e
     load_module_weights(module, directory / f"{name}.safetensors")
     return module.eval()
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .checkpoint import check_path
+
 MNIST_CLASS_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 MNIST_PHRASES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MNIST_TEMPLATES = [
@@ -224,8 +226,10 @@ def _read_hub_split(dataset: str, split: str, progress: bool) -> tuple[np.ndarra
 
 
 def _load_idx_dataset(dataset, split, root, size, progress, seed, class_names, phrases, templates):
-    if split not in SPLIT_PREFIX:
+    if not isinstance(split, str) or split not in SPLIT_PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if root is not None:
+        root = check_path(root, "root")
     if size not in (28, 32):
         raise ValueError(f"size must be 28 (original) or 32 (zero-padded), got {size}")
     folder, looked = _idx_folder(dataset, split, root)

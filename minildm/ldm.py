@@ -24,6 +24,8 @@ This is the one module that sees models and samplers together (with train.py and
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -70,6 +72,12 @@ class LatentDiffusion(nn.Module):
         image_size: int = 32,
     ):
         super().__init__()
+        for name, value, kind in (("autoencoder", autoencoder, AutoencoderKL), ("unet", unet, UNet2DConditionModel),
+                                  ("schedule", schedule, NoiseSchedule), ("text_encoder", text_encoder, TextEncoder)):
+            if not isinstance(value, kind) and not (name == "autoencoder" and value is None):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
         if autoencoder is not None and unet.config.in_channels != autoencoder.config.latent_channels:
             raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the autoencoder makes "
                              f"{autoencoder.config.latent_channels}-channel latents")
@@ -126,10 +134,7 @@ class LatentDiffusion(nn.Module):
     def latent_training_loss(self, latents: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
                              generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. (3) on scaled latents z_0 (B, c, h, w) — precompute them once when the autoencoder is frozen."""
-        if len(captions) != len(latents):
-            raise ValueError(f"got {len(latents)} latents but {len(captions)} captions")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self._check_batch(latents, "latents", self.unet, 1, captions, caption_dropout, generator)
         B, device = latents.shape[0], latents.device
         drop = torch.rand(B, generator=generator) < caption_dropout
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
@@ -148,7 +153,36 @@ class LatentDiffusion(nn.Module):
     def training_loss(self, images: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. (3) from images (B, 3, H, W) in [-1, 1]: encode with the frozen autoencoder, then as above."""
+        first_stage = self.autoencoder if self.autoencoder is not None else self.unet
+        f = self.autoencoder.config.downsampling_factor if self.autoencoder is not None else 1
+        self._check_batch(images, "images", first_stage, f, captions, caption_dropout, generator)
         return self.latent_training_loss(self.encode_images(images, generator), captions, caption_dropout, generator)
+
+    def _check_batch(self, batch, name: str, first_module: nn.Module, f: int, captions, caption_dropout,
+                     generator) -> None:
+        """The training losses' arguments: a batch (B, C, H, W) that `first_module` (the autoencoder, or the UNet)
+        takes, with H and W multiples of f times the UNet's downsampling; a caption per item; a dropout in [0, 1]."""
+        weight = next(first_module.parameters())
+        channels = (first_module.config.in_channels if isinstance(first_module, AutoencoderKL)
+                    else self.unet.config.in_channels)
+        factor = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if not torch.is_tensor(batch) or batch.dtype != weight.dtype:
+            got = f"a {batch.dtype} tensor" if torch.is_tensor(batch) else type(batch).__name__
+            raise TypeError(f"{name} must be a {weight.dtype} tensor like the model's weights, got {got}")
+        if batch.device != weight.device:
+            raise ValueError(f"{name} is on {batch.device} but the model is on {weight.device}: move one of them")
+        if batch.ndim != 4 or batch.shape[1] != channels or 0 in batch.shape or batch.shape[2] % factor \
+                or batch.shape[3] % factor:
+            raise ValueError(f"{name} must have shape (B, {channels}, H, W) with B >= 1 and H, W multiples of "
+                             f"{factor}, got {tuple(batch.shape)}")
+        if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
+        if len(captions) != len(batch):
+            raise ValueError(f"got {len(batch)} {name} but {len(captions)} captions")
+        if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     # ---- sampling ---------------------------------------------------------------------------------------------
 
@@ -189,13 +223,19 @@ class LatentDiffusion(nn.Module):
         the other, drawing from the same generator. `callback(step_index, timestep, latents)` runs after
         every step.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(prompts) == 0 or not all(isinstance(p, str) for p in prompts):
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0 or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        prompts = list(prompts)
+        if not isinstance(guidance_scale, numbers.Real) or not 0 <= guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function (step_index, timestep, latents) or None, "
+                            f"got {type(callback).__name__}")
         if len(prompts) > max_batch_size:
             chunks = [self.generate(prompts[i : i + max_batch_size], num_inference_steps, sampler, guidance_scale,
                                     eta, generator, return_intermediates, max_batch_size, callback, progress)
@@ -303,7 +343,7 @@ class LatentDiffusion(nn.Module):
             raise FileNotFoundError(f"{directory} is not a minildm model: it has no config.json "
                                     f"(expected {', '.join(FILES)})")
         config = read_json(directory / "config.json")
-        if config.get("format") != "minildm.LatentDiffusion":
+        if not isinstance(config, dict) or config.get("format") != "minildm.LatentDiffusion":
             raise ValueError(f"{directory / 'config.json'} is not a minildm LatentDiffusion config")
         pixel_space = config.get("autoencoder", {}) is None
         expected = [name for name in FILES if not (pixel_space and name == "autoencoder.safetensors")]
@@ -317,11 +357,12 @@ class LatentDiffusion(nn.Module):
             unet = UNet2DConditionModel(UNetConfig(**config["unet"]))
             text_encoder = TextEncoder(TextEncoderConfig(**config["text_encoder"]), tokenizer)
             schedule = NoiseSchedule(**config["schedule"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{directory / 'config.json'} is missing or has unexpected fields: {e}") from e
+            model = cls(autoencoder, unet, schedule, text_encoder, config["prediction_type"], config["image_size"])
+        except (KeyError, TypeError, ValueError) as e:  # a field missing, unknown, of the wrong type or out of range
+            raise ValueError(f"{directory / 'config.json'} (with vocab.json) does not describe a valid model: "
+                             f"{type(e).__name__}: {e}") from e
         if autoencoder is not None:
             load_module_weights(autoencoder, directory / "autoencoder.safetensors")
         load_module_weights(unet, directory / "unet.safetensors")
         load_module_weights(text_encoder, directory / "text_encoder.safetensors")
-        model = cls(autoencoder, unet, schedule, text_encoder, config["prediction_type"], config["image_size"])
         return model.to(device).eval()

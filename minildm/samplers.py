@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .schedule import PREDICTION_TYPES, NoiseSchedule, check_samples
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -72,6 +72,8 @@ class BaseSampler:
             raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if not isinstance(clip_sample, bool):
+            raise TypeError(f"clip_sample must be True or False, got {clip_sample!r}")
         self.schedule = schedule
         self.timestep_spacing = timestep_spacing
         self.steps_offset = int(steps_offset)
@@ -109,8 +111,15 @@ class BaseSampler:
                 f"num_inference_steps={n} would use timestep {int(timesteps.max())}, but the schedule "
                 f'only has timesteps 0 to {T - 1}; use timestep_spacing="trailing" or steps_offset=0'
             )
+        try:
+            device = torch.device(device) if device is not None and not isinstance(device, bool) else device
+            timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)  # (n,) descending
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # not a device, or one this machine lacks
+            raise ValueError(f"device must be a torch device this machine has, got {device!r} ({e})") from e
+        if isinstance(device, bool) or timesteps.is_meta:  # step() reads the timesteps: they must hold values
+            raise ValueError(f"device must be a torch device that holds values, got {device!r}")
         self.num_inference_steps = int(n)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)  # (n,) descending
+        self.timesteps = timesteps
 
     def _check_timestep(self, timestep: int | torch.Tensor) -> int:
         """Check that `timestep` is one the loop visits and return it as a python int."""
@@ -121,6 +130,11 @@ class BaseSampler:
             )
         if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
             raise ValueError(f"step() takes one timestep for the whole batch, got shape {tuple(timestep.shape)}")
+        is_integer_tensor = isinstance(timestep, torch.Tensor) and not (
+            timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool)
+        if not (is_integer_tensor or isinstance(timestep, numbers.Integral)) or isinstance(timestep, bool):
+            raise TypeError(f"timestep must be an int or a one-element integer tensor from sampler.timesteps, "
+                            f"got {timestep!r:.60}")
         t = int(timestep)
         if t not in self.timesteps.tolist():
             raise ValueError(
@@ -140,8 +154,10 @@ class BaseSampler:
         index = timesteps.index(self._check_timestep(timestep))
         return timesteps[index + 1] if index + 1 < len(timesteps) else -1
 
-    def _predict_x0_and_eps(self, model_output, t, sample):
-        # to_x0_and_eps also checks that model_output has the shape of sample.
+    def _predict_x0_and_eps(self, model_output, t, sample, generator):
+        check_samples(sample, "sample", model_output, "model_output")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         x0, eps = self.schedule.to_x0_and_eps(model_output, sample, t, self.prediction_type)
         if self.clip_sample:
             # Pixel data lives in [-1, 1]; clamping x̂_0 stops early, noisy guesses from running away.
@@ -176,7 +192,9 @@ class DDIMSampler(BaseSampler):
         clip_sample: bool = False,
     ):
         super().__init__(schedule, timestep_spacing, steps_offset, prediction_type, clip_sample)
-        if not 0 <= eta <= 1:
+        if not isinstance(set_alpha_to_one, bool):
+            raise TypeError(f"set_alpha_to_one must be True or False, got {set_alpha_to_one!r}")
+        if not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
             raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise), got {eta}")
         self.eta = eta
         self.set_alpha_to_one = set_alpha_to_one
@@ -204,7 +222,7 @@ class DDIMSampler(BaseSampler):
         """One DDIM step from x_t (`sample`) to x_prev. model_output, sample: (B, ...)."""
         t = self._check_timestep(timestep)
         alpha_bar_t, alpha_bar_prev = self._alpha_bars(t)
-        x0, eps = self._predict_x0_and_eps(model_output, t, sample)  # x̂_0 and ε, both (B, ...)
+        x0, eps = self._predict_x0_and_eps(model_output, t, sample, generator)  # x̂_0 and ε, both (B, ...)
 
         sigma_t = self.variance(t) ** 0.5  # Song eq. 16
         direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # "direction pointing to x_t"
@@ -259,7 +277,7 @@ class DDPMSampler(BaseSampler):
         """One ancestral step: x_prev ~ N(μ̃_t(x_t, x̂_0), β̃_t I). model_output, sample: (B, ...)."""
         t = self._check_timestep(timestep)
         alpha_bar_t, alpha_bar_prev, beta_t = self._coefficients(t)
-        x0, _ = self._predict_x0_and_eps(model_output, t, sample)  # x̂_0: (B, ...)
+        x0, _ = self._predict_x0_and_eps(model_output, t, sample, generator)  # x̂_0: (B, ...)
 
         # Ho eq. 7: μ̃_t = sqrt(ᾱ_prev) β_t / (1 - ᾱ_t) · x̂_0 + sqrt(α_t) (1 - ᾱ_prev) / (1 - ᾱ_t) · x_t
         x0_coeff = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)

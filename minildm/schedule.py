@@ -35,6 +35,22 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MAX_TRAIN_TIMESTEPS = 100_000  # models train with 1000 to 4000; far more is a mistake that would fill the memory
+
+
+def check_samples(first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str) -> None:
+    """Two floating-point tensors of one shape on one device, or an error naming the one that is not.
+    (The samplers check model_output and sample with it too.)"""
+    for value, name in ((first, first_name), (second, second_name)):
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+    if second.shape != first.shape:
+        raise ValueError(f"{second_name} must have the shape of {first_name} {tuple(first.shape)}, "
+                         f"got {tuple(second.shape)}")
+    if second.device != first.device:
+        raise ValueError(f"{second_name} is on {second.device} but {first_name} is on {first.device}: "
+                         f"move one of them")
 
 
 class NoiseSchedule:
@@ -67,10 +83,12 @@ class NoiseSchedule:
     ):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
-        if not isinstance(num_train_timesteps, numbers.Integral) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+        if (not isinstance(num_train_timesteps, numbers.Integral) or isinstance(num_train_timesteps, bool)
+                or not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS):
+            raise ValueError(f"num_train_timesteps must be an integer from 1 to {MAX_TRAIN_TIMESTEPS}, "
+                             f"got {num_train_timesteps!r}")
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if not 0 < value < 1:
+            if not isinstance(value, numbers.Real) or not 0 < value < 1:
                 raise ValueError(f"{name} is a variance per step and must lie in (0, 1), got {value}")
         if beta_start > beta_end:
             raise ValueError(
@@ -114,13 +132,16 @@ class NoiseSchedule:
         """Return `timesteps` as a CPU long tensor of shape () or (B,), after checking the range."""
         T = self.num_train_timesteps
         if isinstance(timesteps, torch.Tensor):
-            if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.ndim > 1:
+            if (timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool
+                    or timesteps.ndim > 1):
                 raise ValueError(
                     "timesteps must be a python int or a 0-d / 1-d integer tensor, "
                     f"got a {timesteps.dtype} tensor of shape {tuple(timesteps.shape)}"
                 )
             t = timesteps.to("cpu", torch.long)
         elif isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool):
+            if not 0 <= timesteps < T:  # checked before torch.tensor(), which overflows past 2**63
+                raise ValueError(f"timesteps must be between 0 and {T - 1} (num_train_timesteps={T}), got {timesteps}")
             t = torch.tensor(int(timesteps))
         else:
             raise ValueError(f"timesteps must be a python int or an integer tensor, got {timesteps!r}")
@@ -158,11 +179,7 @@ class NoiseSchedule:
 
         original_samples, noise: (B, ...) of the same shape; timesteps: (B,) integers or an int.
         """
-        if noise.shape != original_samples.shape:
-            raise ValueError(
-                f"noise must have the shape of original_samples {tuple(original_samples.shape)}, "
-                f"got {tuple(noise.shape)}"
-            )
+        check_samples(original_samples, "original_samples", noise, "noise")
         alpha_bar = self._gather(self.alphas_cumprod, timesteps, original_samples)  # (B, 1, ..., 1)
         return alpha_bar.sqrt() * original_samples + (1 - alpha_bar).sqrt() * noise  # Ho eq. 4
 
@@ -187,26 +204,31 @@ class NoiseSchedule:
 
         `sample` is the clean x_0 (the name diffusers uses), not x_t.
         """
+        check_samples(sample, "sample", noise, "noise")
         alpha_bar = self._gather(self.alphas_cumprod, timesteps, sample)
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * sample
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor):
         """x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t): Ho eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0")."""
+        check_samples(x_t, "x_t", eps, "eps")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: int | torch.Tensor):
         """ε = (x_t - sqrt(ᾱ_t) x_0) / sqrt(1 - ᾱ_t): Ho eq. 4 solved for ε."""
+        check_samples(x_t, "x_t", x0, "x0")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
         return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
     def predict_x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor):
         """x_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v  (a x_t - s v = a² x_0 + s² x_0)."""
+        check_samples(x_t, "x_t", v, "v")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
         return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * v
 
     def predict_eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor):
         """ε = sqrt(1 - ᾱ_t) x_t + sqrt(ᾱ_t) v  (s x_t + a v = s² ε + a² ε)."""
+        check_samples(x_t, "x_t", v, "v")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
         return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
 
@@ -214,11 +236,12 @@ class NoiseSchedule:
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, prediction_type: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whatever the network predicts, return (predicted x_0, predicted ε); samplers need both."""
-        if model_output.shape != x_t.shape:
+        if torch.is_tensor(model_output) and torch.is_tensor(x_t) and model_output.shape != x_t.shape:
             raise ValueError(
                 f"model_output must have the shape of the sample {tuple(x_t.shape)}, got "
                 f"{tuple(model_output.shape)} (a model that also predicts a variance is not supported)"
             )
+        check_samples(x_t, "x_t", model_output, "model_output")
         if prediction_type == "epsilon":
             return self.predict_x0_from_eps(x_t, model_output, t), model_output
         if prediction_type == "sample":

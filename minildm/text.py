@@ -15,7 +15,7 @@ guidance (Ho & Salimans 2022). Depends on attention.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from .attention import Attention
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+MAX_LENGTH = 4096  # tokens per prompt; the captions here have about 10
 
 
 def split_words(text: str) -> list[str]:
@@ -36,12 +37,16 @@ class Tokenizer:
     """Word-level tokenizer with a vocabulary built from training captions."""
 
     def __init__(self, vocab: list[str], max_length: int = 16):
+        if not isinstance(vocab, (list, tuple)) or not all(isinstance(token, str) for token in vocab):
+            raise TypeError(f"vocab must be a list of strings, got {vocab!r:.80}")
+        if not isinstance(max_length, int) or isinstance(max_length, bool):
+            raise TypeError(f"max_length must be an integer, got {max_length!r}")
         if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
             raise ValueError(f"vocab must start with the special tokens {SPECIAL_TOKENS}, got {vocab[:4]}")
         if len(set(vocab)) != len(vocab):
             raise ValueError("vocab has duplicate entries")
-        if max_length < 3:
-            raise ValueError(f"max_length must be at least 3 (<bos>, one word, <eos>), got {max_length}")
+        if not 3 <= max_length <= MAX_LENGTH:  # every prompt is padded to max_length: a huge one fills the memory
+            raise ValueError(f"max_length must be from 3 (<bos>, one word, <eos>) to {MAX_LENGTH}, got {max_length}")
         self.vocab = list(vocab)
         self.max_length = max_length
         self.token_to_id = {token: i for i, token in enumerate(self.vocab)}
@@ -68,6 +73,8 @@ class Tokenizer:
         """Token ids (B, max_length), padded with <pad>."""
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             tokens = self.tokenize(text)
@@ -88,6 +95,11 @@ class TextEncoderConfig:
     hidden_size: int = 128  # = the UNet's cross_attention_dim
     num_layers: int = 2
     num_heads: int = 4
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_layers" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'num_layers' else 1}, got {value!r}")
 
 
 class TextEncoderLayer(nn.Module):
@@ -130,8 +142,22 @@ class TextEncoder(nn.Module):
         return cls(config, tokenizer)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.ndim != 2 or input_ids.shape[1] != self.config.max_length:
-            raise ValueError(f"input_ids must have shape (B, {self.config.max_length}), got {tuple(input_ids.shape)}")
+        device = self.token_embedding.weight.device
+        if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.is_complex() \
+                or input_ids.dtype == torch.bool:
+            got = f"a {input_ids.dtype} tensor" if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}: move one of them")
+        if input_ids.ndim != 2 or input_ids.shape[1] != self.config.max_length or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must have shape (B, {self.config.max_length}) with B >= 1, "
+                             f"got {tuple(input_ids.shape)}")
+        if input_ids.numel() and not 0 <= input_ids.min() <= input_ids.max() < self.config.vocab_size:
+            raise ValueError(f"input_ids must be token ids from 0 to {self.config.vocab_size - 1}, got values from "
+                             f"{input_ids.min().item()} to {input_ids.max().item()}")
+        return self._hidden_states(input_ids)
+
+    def _hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
         for layer in self.layers:
@@ -140,4 +166,10 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts (strings) -> encoder_hidden_states (B, L, D) on this module's device."""
-        return self(self.tokenizer(prompts).to(self.token_embedding.weight.device))
+        if not isinstance(prompts, (str, list, tuple)):
+            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise ValueError("prompts must hold at least one prompt, got an empty list")
+        # The tokenizer's ids are valid by construction: skip forward()'s checks, whose min/max would make a GPU
+        # wait for the CPU once per training step.
+        return self._hidden_states(self.tokenizer(prompts).to(self.token_embedding.weight.device))

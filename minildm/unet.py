@@ -43,6 +43,18 @@ class UNetConfig:
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.attention_levels = tuple(self.attention_levels)
+        sizes = {"in_channels": self.in_channels, "out_channels": self.out_channels, "layers_per_block":
+                 self.layers_per_block, "attention_head_dim": self.attention_head_dim, "norm_num_groups":
+                 self.norm_num_groups, "transformer_layers_per_block": self.transformer_layers_per_block,
+                 "cross_attention_dim": 1 if self.cross_attention_dim is None else self.cross_attention_dim}
+        sizes.update({f"block_out_channels[{i}]": ch for i, ch in enumerate(self.block_out_channels)})
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels needs at least one level, got ()")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if len(self.block_out_channels) != len(self.attention_levels):
             raise ValueError(
                 f"attention_levels needs one entry per level: {len(self.block_out_channels)} levels in "
@@ -55,8 +67,6 @@ class UNetConfig:
             if ch % self.attention_head_dim != 0:
                 raise ValueError(f"block_out_channels entries must divide by attention_head_dim="
                                  f"{self.attention_head_dim}, got {ch}")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
 
     @classmethod
     def tiny(cls, in_channels: int = 4, cross_attention_dim: int | None = 128) -> UNetConfig:
@@ -213,7 +223,12 @@ class UNet2DConditionModel(nn.Module):
         c = self.config
         self._check_inputs(sample, encoder_hidden_states)
         B = sample.shape[0]
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)) or (
+                torch.is_tensor(timestep) and (timestep.is_complex() or timestep.dtype == torch.bool)):
+            raise TypeError(f"timestep must be a number or a real tensor, got {timestep!r:.60}")
         if not torch.is_tensor(timestep):
+            if isinstance(timestep, int) and not -(2**63) <= timestep < 2**63:
+                raise ValueError(f"timestep must fit in 64 bits, got {timestep}")
             timestep = torch.tensor([timestep], device=sample.device)
         if timestep.ndim > 2 or timestep.numel() not in (1, B) or (timestep.ndim == 2 and timestep.shape[1] != 1):
             raise ValueError(f"timestep must be a single value, shape (B,) or (B, 1) with B={B}, "
@@ -234,8 +249,18 @@ class UNet2DConditionModel(nn.Module):
 
     def _check_inputs(self, sample, encoder_hidden_states):
         c = self.config
-        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
-            raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W), got {tuple(sample.shape)}")
+        weight = self.conv_in.weight
+        for name, value in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+            if value is None and name == "encoder_hidden_states":  # fine for an unconditional UNet, checked below
+                continue
+            if not torch.is_tensor(value) or value.dtype != weight.dtype:
+                got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
+                raise TypeError(f"{name} must be a {weight.dtype} tensor like the model's weights, got {got}")
+            if value.device != weight.device:
+                raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels or 0 in sample.shape:
+            raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W) with B, H, W >= 1, "
+                             f"got {tuple(sample.shape)}")
         factor = 2 ** (len(c.block_out_channels) - 1)
         if sample.shape[2] % factor or sample.shape[3] % factor:
             raise ValueError(f"sample height and width must be multiples of {factor} (one halving per level), "
@@ -247,7 +272,7 @@ class UNet2DConditionModel(nn.Module):
                 raise ValueError("this UNet is text-conditioned: pass encoder_hidden_states of shape "
                                  f"(B, L, {c.cross_attention_dim}) (the empty prompt's for unconditional)")
             if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim \
-                    or encoder_hidden_states.shape[0] != sample.shape[0]:
+                    or encoder_hidden_states.shape[0] != sample.shape[0] or encoder_hidden_states.shape[1] == 0:
                 raise ValueError(f"encoder_hidden_states must have shape ({sample.shape[0]}, L, "
                                  f"{c.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
 
