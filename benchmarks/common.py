@@ -103,10 +103,10 @@ def peak_memory(fn, device: torch.device) -> int:
     return peak
 
 
-def time_interleaved(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Like time_alternating, but the order of the calls turns by one each round, so that no function always
-    runs right after the same other one (the one after a large model's call can find the caches and the
-    allocator's free memory in a different state)."""
+def interleaved_samples(functions: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each function, calling them in turn; the order turns by one each round, so that
+    no function always runs right after the same other one (the call after a large model's can find the caches
+    and the allocator's free memory in a different state). Sample i of every function comes from round i."""
     names = list(functions)
     for fn in functions.values():
         for _ in range(warmup):
@@ -120,7 +120,21 @@ def time_interleaved(functions: dict, repeats: int, warmup: int = 2) -> dict[str
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def time_interleaved(functions: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, from interleaved_samples."""
+    return {name: statistics.median(values) for name, values in interleaved_samples(functions, repeats, warmup).items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of each function's time / the baseline's time in the same round.
+
+    Each ratio compares two calls made a moment apart, so a change of load on a shared machine (another job
+    starting on the other core) moves both; the median of these is steadier than a ratio of medians."""
+    return {name: statistics.median(a / b for a, b in zip(values, samples[baseline]))
+            for name, values in samples.items() if name != baseline}
 
 
 def git_commit() -> dict | None:

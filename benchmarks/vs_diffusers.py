@@ -4,8 +4,9 @@ minildm's modules carry diffusers' names (down_blocks.1.attentions.0.transformer
 so for each case this benchmark builds diffusers' UNet2DConditionModel and AutoencoderKL from the matching
 arguments (`diffusers_unet_kwargs`, `diffusers_autoencoder_kwargs`), loads minildm's state dict into them
 (strictly: every tensor's name and shape must match), checks that both give the same outputs, and then
-times them, alternating minildm and diffusers in one process after warm-up (the order turning each round),
-median of the repeats:
+times them, alternating minildm and diffusers in one process after warm-up (the order turning each round):
+the median of the repeats, and the ratio minildm / diffusers as the median over rounds of the ratio within
+a round (two calls a moment apart feel the same load from other jobs):
 
     forward         one call under torch.no_grad()
     training step   forward, MSE loss, backward, AdamW step
@@ -16,7 +17,7 @@ Cases:
                the f=4 autoencoder of the demo on 32x32 images
     sd_shaped  Stable Diffusion's layout at a quarter of its width: UNetConfig.sd_shaped() (4 levels, 2 ResNets
                each, attention at the first three), 16x16x4 latents, 77 text tokens of width 256, batch 8;
-               SD's autoencoder (128, 256, 512, 512) / 4 on 128x128 images, f = 8, batch 4
+               SD's autoencoder (128, 256, 512, 512) / 4 on 128x128 images, f = 8, batch 2
 
 One known difference: diffusers' encoder pads (0, 1, 0, 1) before each stride-2 convolution, as the original
 SD code did, where minildm pads 1 on every side. The weights and the cost are the same; the check shows that
@@ -50,10 +51,11 @@ from .common import (
     add_device_arguments,
     autocast,
     git_commit,
+    interleaved_samples,
     machine,
+    paired_ratios,
     peak_memory,
     setup_device,
-    time_interleaved,
     write_result,
 )
 
@@ -75,7 +77,7 @@ CASES = {
                   ae_batch_size=64),
     "sd_shaped": Case(UNetConfig.sd_shaped(), latent_size=16, batch_size=8, text_length=77,
                       autoencoder=AutoencoderConfig(3, 4, (32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
-                      image_size=128, ae_batch_size=4),
+                      image_size=128, ae_batch_size=2),
 }
 
 
@@ -193,22 +195,22 @@ def training_step_fn(model, call, target, device):
     return step
 
 
-def compare(calls: dict, models: dict, target: torch.Tensor, repeats: int, device) -> dict:
-    """Forward and training-step medians and peak memory of each named call, timed alternately."""
+def compare(calls: dict, models: dict, target: torch.Tensor, repeats: int, device, baseline: str) -> dict:
+    """Forward and training-step medians and peak memory of each named call, timed alternately, and the ratio
+    of each to the baseline's (for times, the median of the ratios within a round: common.paired_ratios)."""
     forwards = {name: forward_fn(call, device) for name, call in calls.items()}
     steps = {name: training_step_fn(models[name], call, target, device) for name, call in calls.items()}
     warmup = 1 if repeats < 3 else 2
-    forward_s = time_interleaved(forwards, repeats, warmup)
-    step_s = time_interleaved(steps, repeats, warmup)
-    return {"forward_s": forward_s, "train_step_s": step_s,
-            "forward_peak_mb": {name: peak_memory(fn, device) / 2**20 for name, fn in forwards.items()},
-            "train_step_peak_mb": {name: peak_memory(fn, device) / 2**20 for name, fn in steps.items()}}
-
-
-def ratios(measured: dict, baseline: str) -> dict:
-    """Each measurement of every variant divided by the baseline's: {"forward_s": {"minildm": 0.97}, ...}."""
-    return {metric: {name: value / values[baseline] for name, value in values.items() if name != baseline}
-            for metric, values in measured.items()}
+    result, ratio = {}, {}
+    for metric, functions in (("forward", forwards), ("train_step", steps)):
+        samples = interleaved_samples(functions, repeats, warmup)
+        result[f"{metric}_s"] = {name: statistics.median(values) for name, values in samples.items()}
+        ratio[f"{metric}_s"] = paired_ratios(samples, baseline)
+    for metric, functions in (("forward", forwards), ("train_step", steps)):
+        peaks = {name: peak_memory(fn, device) / 2**20 for name, fn in functions.items()}
+        result[f"{metric}_peak_mb"] = peaks
+        ratio[f"{metric}_peak_mb"] = {name: peak / peaks[baseline] for name, peak in peaks.items() if name != baseline}
+    return {**result, "ratio": ratio}
 
 
 def set_written_out_attention(model: torch.nn.Module, on: bool) -> None:
@@ -238,31 +240,30 @@ def minildm_options(unet, inputs, autoencoder, images, repeats: int, device, com
         training_step_fn(compiled, lambda: compiled(*inputs), inputs[0], device)()
         result["compile_time_s"] = {"forward": compile_forward_s, "training_step": time.perf_counter() - start}
         unet_variants["compiled"], calls["compiled"] = compiled, lambda: compiled(*inputs)
-    unet_result = compare(calls, unet_variants, inputs[0], repeats, device)
-    result["unet"] = {**unet_result, "ratio_to_default": ratios(unet_result, "default")}
+    result["unet"] = compare(calls, unet_variants, inputs[0], repeats, device, baseline="default")
 
     autoencoder_cl = copy.deepcopy(autoencoder).to(memory_format=channels_last)
     images_cl = images.to(memory_format=channels_last)
-    ae_result = compare({"default": lambda: autoencoder(images), "channels_last": lambda: autoencoder_cl(images_cl)},
-                        {"default": autoencoder, "channels_last": autoencoder_cl}, images, repeats, device)
-    result["autoencoder"] = {**ae_result, "ratio_to_default": ratios(ae_result, "default")}
+    result["autoencoder"] = compare(
+        {"default": lambda: autoencoder(images), "channels_last": lambda: autoencoder_cl(images_cl)},
+        {"default": autoencoder, "channels_last": autoencoder_cl}, images, repeats, device, baseline="default")
     return result
 
 
 def run_case(case: Case, repeats: int, device, compile_unet: bool) -> dict:
     unet, d_unet, unet_inputs, unet_checks = build_unets(case, device)
     unet_result = compare({"minildm": lambda: unet(*unet_inputs), "diffusers": lambda: d_unet(*unet_inputs).sample},
-                          {"minildm": unet, "diffusers": d_unet}, unet_inputs[0], repeats, device)
+                          {"minildm": unet, "diffusers": d_unet}, unet_inputs[0], repeats, device, baseline="diffusers")
     ae, d_ae, (images,), ae_checks = build_autoencoders(case, device)
     ae_result = compare({"minildm": lambda: ae(images), "diffusers": lambda: d_ae(images).sample},
-                        {"minildm": ae, "diffusers": d_ae}, images, repeats, device)
+                        {"minildm": ae, "diffusers": d_ae}, images, repeats, device, baseline="diffusers")
     return {
         "config": {"unet": dataclasses.asdict(case.unet), "latent_size": case.latent_size,
                    "batch_size": case.batch_size, "text_length": case.text_length,
                    "autoencoder": dataclasses.asdict(case.autoencoder), "image_size": case.image_size,
                    "ae_batch_size": case.ae_batch_size},
-        "unet": {**unet_checks, **unet_result, "ratio": ratios(unet_result, "diffusers")},
-        "autoencoder": {**ae_checks, **ae_result, "ratio": ratios(ae_result, "diffusers")},
+        "unet": {**unet_checks, **unet_result},
+        "autoencoder": {**ae_checks, **ae_result},
         "minildm_options": minildm_options(unet, unet_inputs, ae, images, repeats, device, compile_unet),
     }
 
@@ -282,9 +283,9 @@ def print_case(name: str, result: dict) -> None:
                   f"{r['ratio'][metric]['minildm']:>8.2f}")
     options = result["minildm_options"]
     for model in ("unet", "autoencoder"):
-        for variant, values in options[model]["ratio_to_default"]["forward_s"].items():
+        for variant, values in options[model]["ratio"]["forward_s"].items():
             print(f"  minildm {model} {variant}: forward x{values:.2f}, training step "
-                  f"x{options[model]['ratio_to_default']['train_step_s'][variant]:.2f} of the default's time")
+                  f"x{options[model]['ratio']['train_step_s'][variant]:.2f} of the default's time")
     if "compile_time_s" in options:
         print(f"  torch.compile took {options['compile_time_s']['forward']:.0f} s (forward) + "
               f"{options['compile_time_s']['training_step']:.0f} s (training step) before the first call returned")
@@ -293,7 +294,7 @@ def print_case(name: str, result: dict) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats: checks that it runs")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9, 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15, 1 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compiling on a CPU)")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
@@ -304,7 +305,7 @@ def main(argv=None):
         print(f"skipped: {message}")
         return {"skipped": message}
     device = setup_device(args)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 9)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 15)
     compile_unet = not (args.quick or args.no_compile)
     cases = CASES
     if args.quick:  # the same networks on small inputs
