@@ -1,0 +1,118 @@
+"""Sampling speed: images per second of LatentDiffusion.generate(), and what generate() adds to the UNet
+calls it makes (issue 5, item 3).
+
+The model has the demo's size (DemoConfig: the f=4 autoencoder, 32x32x3 images <-> 8x8x4 latents, the
+(64, 64) UNet and the text encoder), untrained: the speed does not depend on the weights. For DDIM-50 and
+DDPM-1000 at batch 1 and 64, with classifier-free guidance at the demo's best scale, 3 (so each step is one
+UNet call on a batch of 2B):
+
+    images/s   B / the median time of generate()
+    overhead   generate()'s time / the time of the same UNet calls alone - 1
+
+"The same UNet calls" is a loop of num_inference_steps calls on (2B, 4, 8, 8) latents, at the timesteps
+generate() visits and with the prompt states it uses, and nothing else; the two are timed alternately. The
+overhead is what generate() adds to them: encoding the prompts, drawing the first noise, the guidance
+arithmetic, the sampler's steps and decoding the latents. Target: under 5%. That work is also timed on its
+own (everything_but_the_unet), which says where an overhead comes from.
+
+    python -m benchmarks.sampling [--quick] [--threads 1] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from minildm.demo import DemoConfig, build_autoencoder, build_model
+from minildm.shapes import ShapesDataset
+
+from .common import add_device_arguments, autocast, git_commit, machine, setup_device, time_interleaved, write_result
+
+GUIDANCE_SCALE = 3.0
+
+
+def bare_unet_calls(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
+    """A function making exactly the UNet calls generate() makes for `prompts`, with nothing around them."""
+    scheduler = ldm.make_sampler(sampler)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = [t.to(device) for t in scheduler.timesteps]
+    with torch.no_grad():
+        states = torch.cat([ldm.text_encoder.encode([""] * len(prompts)), ldm.text_encoder.encode(prompts)])
+    latents = torch.randn(2 * len(prompts), *ldm.latent_shape, device=device)  # (2B, c, h, w): uncond and cond
+
+    def run():
+        with torch.no_grad(), autocast(device):
+            for t in timesteps:
+                ldm.unet(latents, t, states)
+    return run
+
+
+def everything_but_the_unet(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
+    """generate()'s work without its UNet calls: prompts, first noise, guidance, sampler steps, decoding."""
+    scheduler = ldm.make_sampler(sampler)
+    scheduler.set_timesteps(num_inference_steps)
+    generator = torch.Generator().manual_seed(0)
+    both = torch.randn(2 * len(prompts), *ldm.latent_shape, device=device)  # stands in for the UNet's output
+
+    def run():
+        with torch.no_grad(), autocast(device):
+            ldm.text_encoder.encode(prompts)
+            ldm.text_encoder.encode([""] * len(prompts))
+            latents = torch.randn((len(prompts), *ldm.latent_shape), generator=generator).to(device)
+            for t in scheduler.timesteps:
+                out_uncond, out_cond = both.chunk(2)
+                model_output = out_uncond + GUIDANCE_SCALE * (out_cond - out_uncond)
+                latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
+            ldm.decode_latents(latents)
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks that it runs")
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    torch.manual_seed(0)
+    if args.quick:
+        settings = [("ddim", 5, 1, 2), ("ddim", 5, 4, 2), ("ddpm", 20, 1, 2), ("ddpm", 20, 4, 2)]
+    else:  # (sampler, steps, batch size, repeats): DDPM-1000 at batch 64 takes about a minute a call
+        settings = [("ddim", 50, 1, 9), ("ddim", 50, 64, 5), ("ddpm", 1000, 1, 5), ("ddpm", 1000, 64, 3)]
+
+    config = DemoConfig()
+    data = ShapesDataset(length=max(batch for *_, batch, _ in settings), seed=0, progress=False)
+    ldm = build_model(config, build_autoencoder(config), data.captions).to(device).eval()
+    rows = []
+    for sampler, steps, batch_size, repeats in settings:
+        prompts = data.captions[:batch_size]
+
+        def generate(sampler=sampler, steps=steps, prompts=prompts):
+            with autocast(device):
+                ldm.generate(prompts, steps, sampler, GUIDANCE_SCALE, generator=torch.Generator().manual_seed(0))
+
+        times = time_interleaved({"generate": generate,
+                                  "unet_calls": bare_unet_calls(ldm, prompts, sampler, steps, device),
+                                  "rest": everything_but_the_unet(ldm, prompts, sampler, steps, device)},
+                                 repeats, warmup=1)
+        rows.append({"sampler": sampler, "num_inference_steps": steps, "batch_size": batch_size,
+                     "repeats": repeats, "generate_s": times["generate"], "unet_calls_s": times["unet_calls"],
+                     "everything_but_the_unet_s": times["rest"], "images_per_s": batch_size / times["generate"],
+                     "overhead": times["generate"] / times["unet_calls"] - 1})
+        r = rows[-1]
+        print(f"{sampler.upper()}-{steps:<5} batch {batch_size:>3}: {r['images_per_s']:8.2f} images/s "
+              f"({r['generate_s']:.3f} s a call), overhead over the bare UNet calls {100 * r['overhead']:+.1f}% "
+              f"(the work around them alone: {100 * times['rest'] / times['unet_calls']:.1f}%)", flush=True)
+    result = {"guidance_scale": GUIDANCE_SCALE, "device": str(device),
+              "unet_params": sum(p.numel() for p in ldm.unet.parameters()),
+              "latent_shape": list(ldm.latent_shape), "rows": rows, "machine": machine(), "git": git_commit()}
+    worst = max(rows, key=lambda r: r["overhead"])
+    print(f"largest overhead: {100 * worst['overhead']:+.1f}% ({worst['sampler'].upper()}-"
+          f"{worst['num_inference_steps']}, batch {worst['batch_size']}; target < 5%)")
+    if not args.quick:
+        print(f"wrote {write_result('sampling', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
