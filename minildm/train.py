@@ -171,6 +171,15 @@ def _check_training_arguments(steps, batch_size, lr, grad_clip, max_minutes, che
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
 
 
+def _check_images(images, channels: int) -> None:
+    if not torch.is_tensor(images):
+        raise TypeError(f"images must be a tensor (N, {channels}, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != channels or len(images) == 0:
+        raise ValueError(f"images must have shape (N, {channels}, H, W) with N >= 1, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+
+
 def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, ema, device, seed,
          checkpoint_dir, checkpoint_every, resume, callback, callback_every, progress, nan_policy="raise",
          extra_optimizers=None):
@@ -342,15 +351,6 @@ def train_autoencoder(
     autoencoder.eval()
     autoencoder.estimate_scaling_factor(images[:2048].to(device))
     return history
-
-
-def _check_images(images, channels: int) -> None:
-    if not torch.is_tensor(images):
-        raise TypeError(f"images must be a tensor (N, {channels}, H, W), got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != channels or len(images) == 0:
-        raise ValueError(f"images must have shape (N, {channels}, H, W) with N >= 1, got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
 
 
 @torch.no_grad()
