@@ -72,7 +72,10 @@ def test_sigkill_during_checkpoints_always_leaves_a_whole_checkpoint(tmp_path):
     process.start()
     while not (readable_directory(folder) / "trainer.json").is_file():  # the first checkpoint, then kill
         time.sleep(0.001)
-    os.kill(process.pid, signal.SIGKILL)
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # on a fast machine it may have finished every step already
+        pass
     process.join()
 
     delays = random.Random(6).sample([MAX_DELAY * i / KILLS for i in range(KILLS)], KILLS)
