@@ -9,11 +9,12 @@ UNet call on a batch of 2B):
     images/s   B / the median time of generate()
     overhead   generate()'s time / the time of the same UNet calls alone - 1
 
-"The same UNet calls" is a loop of num_inference_steps calls on (2B, 4, 8, 8) latents, at the timesteps
-generate() visits and with the prompt states it uses, and nothing else; the two are timed alternately. The
-overhead is what generate() adds to them: encoding the prompts, drawing the first noise, the guidance
-arithmetic, the sampler's steps and decoding the latents. Target: under 5%. That work is also timed on its
-own (everything_but_the_unet), which says where an overhead comes from.
+"The same UNet calls" are the num_inference_steps calls on (2B, 4, 8, 8) latents that one generate() made,
+recorded with a forward pre-hook and replayed with nothing around them. The two are timed alternately, and
+the overhead is the median over rounds of the ratio within a round, minus 1: what generate() adds to its UNet
+calls, that is encoding the prompts, drawing the first noise, the guidance arithmetic, the sampler's steps
+and decoding the latents. Target: under 5%. That work is also timed on its own (everything_but_the_unet),
+which says where an overhead comes from.
 
     python -m benchmarks.sampling [--quick] [--threads 1] [--device cuda]
 """
@@ -21,30 +22,56 @@ own (everything_but_the_unet), which says where an overhead comes from.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
 from minildm.demo import DemoConfig, build_autoencoder, build_model
 from minildm.shapes import ShapesDataset
 
-from .common import add_device_arguments, autocast, git_commit, machine, setup_device, time_interleaved, write_result
+from .common import (
+    add_device_arguments,
+    autocast,
+    git_commit,
+    interleaved_samples,
+    machine,
+    paired_ratios,
+    setup_device,
+    write_result,
+)
 
 GUIDANCE_SCALE = 3.0
 
 
+def generate_fn(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
+    def generate():
+        generator = torch.Generator().manual_seed(0)
+        with autocast(device):
+            ldm.generate(prompts, num_inference_steps, sampler, GUIDANCE_SCALE, generator=generator)
+    return generate
+
+
 def bare_unet_calls(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
-    """A function making exactly the UNet calls generate() makes for `prompts`, with nothing around them."""
-    scheduler = ldm.make_sampler(sampler)
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = [t.to(device) for t in scheduler.timesteps]
-    with torch.no_grad():
-        states = torch.cat([ldm.text_encoder.encode([""] * len(prompts)), ldm.text_encoder.encode(prompts)])
-    latents = torch.randn(2 * len(prompts), *ldm.latent_shape, device=device)  # (2B, c, h, w): uncond and cond
+    """A function making exactly the UNet calls one generate() makes for `prompts`, with nothing around them.
+
+    A forward pre-hook records the inputs of each call during one generate(); the function replays them."""
+    inputs = []
+
+    def record(module, args):
+        sample, timestep, states = args
+        # Every call gets the same text states, cat([uncond, cond]): keep one, not one per step.
+        inputs.append((sample, timestep, inputs[0][2] if inputs else states))
+
+    hook = ldm.unet.register_forward_pre_hook(record)
+    try:
+        generate_fn(ldm, prompts, sampler, num_inference_steps, device)()
+    finally:
+        hook.remove()
 
     def run():
         with torch.no_grad(), autocast(device):
-            for t in timesteps:
-                ldm.unet(latents, t, states)
+            for sample, timestep, states in inputs:
+                ldm.unet(sample, timestep, states)
     return run
 
 
@@ -75,34 +102,32 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = setup_device(args)
     torch.manual_seed(0)
+    # (sampler, steps, batch size, repeats, warm-up calls): DDPM-1000 at batch 64 takes a minute or two a call
     if args.quick:
-        settings = [("ddim", 5, 1, 2), ("ddim", 5, 4, 2), ("ddpm", 20, 1, 2), ("ddpm", 20, 4, 2)]
-    else:  # (sampler, steps, batch size, repeats): DDPM-1000 at batch 64 takes about a minute a call
-        settings = [("ddim", 50, 1, 9), ("ddim", 50, 64, 5), ("ddpm", 1000, 1, 5), ("ddpm", 1000, 64, 3)]
+        settings = [("ddim", 5, 1, 2, 1), ("ddim", 5, 4, 2, 1), ("ddpm", 20, 1, 2, 1), ("ddpm", 20, 4, 2, 1)]
+    else:
+        settings = [("ddim", 50, 1, 21, 2), ("ddim", 50, 64, 7, 1), ("ddpm", 1000, 1, 7, 1), ("ddpm", 1000, 64, 2, 0)]
 
     config = DemoConfig()
-    data = ShapesDataset(length=max(batch for *_, batch, _ in settings), seed=0, progress=False)
+    data = ShapesDataset(length=max(batch for _, _, batch, _, _ in settings), seed=0, progress=False)
     ldm = build_model(config, build_autoencoder(config), data.captions).to(device).eval()
     rows = []
-    for sampler, steps, batch_size, repeats in settings:
+    for sampler, steps, batch_size, repeats, warmup in settings:
         prompts = data.captions[:batch_size]
-
-        def generate(sampler=sampler, steps=steps, prompts=prompts):
-            with autocast(device):
-                ldm.generate(prompts, steps, sampler, GUIDANCE_SCALE, generator=torch.Generator().manual_seed(0))
-
-        times = time_interleaved({"generate": generate,
-                                  "unet_calls": bare_unet_calls(ldm, prompts, sampler, steps, device),
-                                  "rest": everything_but_the_unet(ldm, prompts, sampler, steps, device)},
-                                 repeats, warmup=1)
+        samples = interleaved_samples({"generate": generate_fn(ldm, prompts, sampler, steps, device),
+                                       "unet_calls": bare_unet_calls(ldm, prompts, sampler, steps, device),
+                                       "rest": everything_but_the_unet(ldm, prompts, sampler, steps, device)},
+                                      repeats, warmup)
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        ratios = paired_ratios(samples, "unet_calls")
         rows.append({"sampler": sampler, "num_inference_steps": steps, "batch_size": batch_size,
                      "repeats": repeats, "generate_s": times["generate"], "unet_calls_s": times["unet_calls"],
                      "everything_but_the_unet_s": times["rest"], "images_per_s": batch_size / times["generate"],
-                     "overhead": times["generate"] / times["unet_calls"] - 1})
+                     "overhead": ratios["generate"] - 1, "everything_but_the_unet_share": ratios["rest"]})
         r = rows[-1]
         print(f"{sampler.upper()}-{steps:<5} batch {batch_size:>3}: {r['images_per_s']:8.2f} images/s "
               f"({r['generate_s']:.3f} s a call), overhead over the bare UNet calls {100 * r['overhead']:+.1f}% "
-              f"(the work around them alone: {100 * times['rest'] / times['unet_calls']:.1f}%)", flush=True)
+              f"(the work around them alone: {100 * ratios['rest']:.1f}%)", flush=True)
     result = {"guidance_scale": GUIDANCE_SCALE, "device": str(device),
               "unet_params": sum(p.numel() for p in ldm.unet.parameters()),
               "latent_shape": list(ldm.latent_shape), "rows": rows, "machine": machine(), "git": git_commit()}
