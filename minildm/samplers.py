@@ -120,6 +120,9 @@ class BaseSampler:
             raise ValueError(f"device must be a torch device that holds values, got {device!r}")
         self.num_inference_steps = int(n)
         self.timesteps = timesteps
+        # Each visited timestep -> the next one (-1 after the last), built once: step() looks it up every call.
+        visited = timesteps.tolist()
+        self._next_timestep = dict(zip(visited, visited[1:] + [-1]))
 
     def _check_timestep(self, timestep: int | torch.Tensor) -> int:
         """Check that `timestep` is one the loop visits and return it as a python int."""
@@ -136,7 +139,7 @@ class BaseSampler:
             raise TypeError(f"timestep must be an int or a one-element integer tensor from sampler.timesteps, "
                             f"got {timestep!r:.60}")
         t = int(timestep)
-        if t not in self.timesteps.tolist():
+        if t not in self._next_timestep:
             raise ValueError(
                 f"timestep {t} is not one of this sampler's timesteps; loop over sampler.timesteps "
                 f"(set by set_timesteps({self.num_inference_steps}))"
@@ -150,9 +153,7 @@ class BaseSampler:
         "trailing" when n divides T; otherwise that jumps off the grid (for "linspace" with n = 10 it
         goes 999 -> 899 though the next timestep is 888), while this follows sampler.timesteps.
         """
-        timesteps = self.timesteps.tolist()
-        index = timesteps.index(self._check_timestep(timestep))
-        return timesteps[index + 1] if index + 1 < len(timesteps) else -1
+        return self._next_timestep[self._check_timestep(timestep)]
 
     def _predict_x0_and_eps(self, model_output, t, sample, generator):
         check_samples(sample, "sample", model_output, "model_output")
