@@ -126,9 +126,11 @@ def run_factor(task: Task, f: int, args) -> dict:
     curve_prompts, curve_labels = task.prompts(args.curve_samples)
     budget_s = args.minutes * 60
     curve: list[dict] = []
-    clock = {"start": time.perf_counter(), "evaluating": 0.0, "next": budget_s / args.points}
+    clock = {"start": None, "evaluating": 0.0, "next": budget_s / args.points}
 
     def evaluate_now(step):
+        if clock["start"] is None:  # the first step has run: start the clock here, after the one-time encoding
+            clock["start"] = time.perf_counter()
         trained = time.perf_counter() - clock["start"] - clock["evaluating"]
         if trained < clock["next"]:
             return
@@ -202,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=0.9, help="the fixed quality for time-to-quality")
     parser.add_argument("--root", default=None, help="folder with the MNIST IDX files (default: MINILDM_DATA, ...)")
     parser.add_argument("--quick", action="store_true", help="seconds per f, tiny models: checks that it runs")
+    parser.add_argument("--tag", default=None, help="write results/latent_vs_pixel_TAG.json (a partial rerun)")
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes, args.ae_minutes, args.points = 0.02, 0.01, 2
@@ -240,8 +243,9 @@ def main(argv=None):
               f"reaches {args.target:.0%} after {s['f4_seconds_to_target']} s vs "
               f"{f1_time if f1_time is not None else f'more than {args.minutes * 60:.0f}'} s for f=1")
     if not args.quick:
-        print(f"wrote {write_result('latent_vs_pixel', result)}")
-        plot(results, RESULTS / "latent_vs_pixel.png")
+        name = "latent_vs_pixel" + (f"_{args.tag}" if args.tag else "")
+        print(f"wrote {write_result(name, result)}")
+        plot(results, RESULTS / f"{name}.png")
     return result
 
 

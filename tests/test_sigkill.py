@@ -23,7 +23,6 @@ from minildm.checkpoint import readable_directory
 from minildm.train import load_training_state
 
 KILLS = 25
-MAX_DELAY = 0.4  # seconds; a step with its checkpoint takes 20 to 100 ms
 
 
 def fork_server():
@@ -67,6 +66,12 @@ def test_sigkill_during_checkpoints_always_leaves_a_whole_checkpoint(tmp_path):
     run(context, None, str(tmp_path / "reference.json"))
     reference = {int(step): value for step, value in json.loads((tmp_path / "reference.json").read_text()).items()}
     folder = tmp_path / "checkpoint"
+    # How long the whole run takes with its checkpoints, on this machine now: the kill delays are scaled to
+    # it, so that the kills spread over the run on a fast machine and a slow one alike (fixed delays let a
+    # fast machine finish every step before the first few kills, and then no kill can land in a save).
+    start = time.perf_counter()
+    run(context, str(tmp_path / "calibration"))
+    max_delay = 2 * (time.perf_counter() - start) / KILLS
 
     process = context.Process(target=sigkill_worker.train, args=(str(folder),))
     process.start()
@@ -78,7 +83,7 @@ def test_sigkill_during_checkpoints_always_leaves_a_whole_checkpoint(tmp_path):
         pass
     process.join()
 
-    delays = random.Random(6).sample([MAX_DELAY * i / KILLS for i in range(KILLS)], KILLS)
+    delays = random.Random(6).sample([max_delay * i / KILLS for i in range(KILLS)], KILLS)
     steps, mid_save = [], 0
     for delay in delays:
         exitcode = run(context, str(folder), kill_after=delay)
