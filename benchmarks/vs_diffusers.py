@@ -124,16 +124,22 @@ def check_same(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return difference
 
 
+def load_across(ours, theirs, device: torch.device):
+    """Give diffusers' model minildm's weights (strictly: every name and shape must match) and check that the
+    parameter counts agree; both models moved to `device`."""
+    theirs.load_state_dict(ours.state_dict())
+    if count_parameters(ours) != count_parameters(theirs):
+        raise RuntimeError(f"parameter counts differ: {count_parameters(ours):,} vs {count_parameters(theirs):,}")
+    return ours.to(device), theirs.to(device)
+
+
 def build_unets(case: Case, device: torch.device):
     """(minildm UNet, diffusers UNet with minildm's weights, inputs, check dict)."""
     import diffusers
 
     ours = UNet2DConditionModel(case.unet)
     theirs = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(case.unet, case.latent_size))
-    theirs.load_state_dict(ours.state_dict())  # strict: every name and shape must match
-    if count_parameters(ours) != count_parameters(theirs):
-        raise RuntimeError(f"parameter counts differ: {count_parameters(ours):,} vs {count_parameters(theirs):,}")
-    ours, theirs = ours.to(device), theirs.to(device)
+    ours, theirs = load_across(ours, theirs, device)
     generator = torch.Generator().manual_seed(0)
     B, c, h = case.batch_size, case.unet.in_channels, case.latent_size
     inputs = (torch.randn(B, c, h, h, generator=generator).to(device),  # sample (B, c, h, w)
@@ -150,10 +156,7 @@ def build_autoencoders(case: Case, device: torch.device):
 
     ours = AutoencoderKL(case.autoencoder)
     theirs = diffusers.AutoencoderKL(**diffusers_autoencoder_kwargs(case.autoencoder, case.image_size))
-    theirs.load_state_dict(ours.state_dict())  # strict: every name and shape must match
-    if count_parameters(ours) != count_parameters(theirs):
-        raise RuntimeError(f"parameter counts differ: {count_parameters(ours):,} vs {count_parameters(theirs):,}")
-    ours, theirs = ours.to(device), theirs.to(device)
+    ours, theirs = load_across(ours, theirs, device)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(case.ae_batch_size, 3, case.image_size, case.image_size, generator=generator) * 2 - 1
     images = images.to(device)  # (B, 3, H, W) in [-1, 1]
