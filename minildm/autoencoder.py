@@ -34,6 +34,7 @@ from torch import nn
 
 from .attention import Attention
 from .checkpoint import load_module, save_module
+from .checks import check_like_weights
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -210,12 +211,7 @@ class AutoencoderKL(nn.Module):
         return self.config.scaling_factor
 
     def _check_input(self, value, name: str, what: str, channels: int) -> None:
-        weight = self.quant_conv.weight
-        if not torch.is_tensor(value) or value.dtype != weight.dtype:
-            got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
-            raise TypeError(f"{name} must be {what} as a {weight.dtype} tensor like the model's weights, got {got}")
-        if value.device != weight.device:
-            raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+        check_like_weights(value, name, self.quant_conv.weight, what)
         if value.ndim != 4 or value.shape[1] != channels or 0 in value.shape:
             raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W) with B, H, W >= 1, "
                              f"got {tuple(value.shape)}")

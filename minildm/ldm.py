@@ -43,6 +43,7 @@ from .checkpoint import (
     readable_directory,
     save_weights,
 )
+from .checks import check_like_weights
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
@@ -166,11 +167,7 @@ class LatentDiffusion(nn.Module):
         channels = (first_module.config.in_channels if isinstance(first_module, AutoencoderKL)
                     else self.unet.config.in_channels)
         factor = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if not torch.is_tensor(batch) or batch.dtype != weight.dtype:
-            got = f"a {batch.dtype} tensor" if torch.is_tensor(batch) else type(batch).__name__
-            raise TypeError(f"{name} must be a {weight.dtype} tensor like the model's weights, got {got}")
-        if batch.device != weight.device:
-            raise ValueError(f"{name} is on {batch.device} but the model is on {weight.device}: move one of them")
+        check_like_weights(batch, name, weight)
         if batch.ndim != 4 or batch.shape[1] != channels or 0 in batch.shape or batch.shape[2] % factor \
                 or batch.shape[3] % factor:
             raise ValueError(f"{name} must have shape (B, {channels}, H, W) with B >= 1 and H, W multiples of "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Transformer2DModel
+from .checks import check_like_weights
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -253,11 +254,7 @@ class UNet2DConditionModel(nn.Module):
         for name, value in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
             if value is None and name == "encoder_hidden_states":  # fine for an unconditional UNet, checked below
                 continue
-            if not torch.is_tensor(value) or value.dtype != weight.dtype:
-                got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
-                raise TypeError(f"{name} must be a {weight.dtype} tensor like the model's weights, got {got}")
-            if value.device != weight.device:
-                raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+            check_like_weights(value, name, weight)
         if sample.ndim != 4 or sample.shape[1] != c.in_channels or 0 in sample.shape:
             raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W) with B, H, W >= 1, "
                              f"got {tuple(sample.shape)}")

@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from minildm.unet import UNet2DConditionModel, UNetConfig
 
 
 def seeded(seed):
@@ -266,3 +267,28 @@ def test_save_load_round_trip(tmp_path):
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     with torch.no_grad():
         assert torch.equal(ae.eval()(x), loaded(x))
+
+
+def test_autocast_runs_the_whole_round_trip_and_outside_it_the_dtype_is_checked():
+    """Under bf16 autocast the encoder's latents come out in bf16; the decoder (and the UNet) must take them.
+    Outside autocast a bf16 input is still refused with a message naming the dtypes. (CPU autocast here; the
+    CUDA one is the same code path, run by tests/test_cuda.py's training test on a GPU.)"""
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)).eval()
+    unet = UNet2DConditionModel(UNetConfig(in_channels=4, out_channels=4, block_out_channels=(16, 16),
+                                           attention_levels=(False, True), cross_attention_dim=8,
+                                           attention_head_dim=8, norm_num_groups=4)).eval()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        full = ae(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = ae.encode(x).mode()
+            assert z.dtype == torch.bfloat16
+            half = ae(x)
+            out = unet(z, torch.tensor([3, 500]), torch.randn(2, 5, 8))
+    assert half.dtype == torch.bfloat16 and out.shape == z.shape
+    assert (half.float() - full).abs().max() < 0.1  # bf16 keeps about 3 significant digits
+    with pytest.raises(TypeError, match=r"torch.float32 tensor.*got a torch.bfloat16"):
+        ae.decode(z)
+    with pytest.raises(TypeError, match=r"torch.float32 tensor.*got a torch.bfloat16"):
+        unet(z, torch.tensor([3, 500]), torch.randn(2, 5, 8))
