@@ -253,8 +253,9 @@ class LatentDiffusion(nn.Module):
         shape = (len(prompts), *self.latent_shape)
         latents = torch.randn(shape, generator=generator).to(self.device)  # z_T ~ N(0, I)
         trajectory, predictions = [latents], []
+        timesteps_here = scheduler.timesteps.to(self.device)  # moved once: a copy per step would wait on a GPU
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
-            model_output = self.guided_model_output(latents, t.to(self.device), cond, uncond, guidance_scale)
+            model_output = self.guided_model_output(latents, timesteps_here[i], cond, uncond, guidance_scale)
             out = scheduler.step(model_output, t, latents, generator=generator)
             latents = out.prev_sample
             if return_intermediates:

@@ -53,6 +53,9 @@ def _randn(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     """Standard normal noise shaped like `sample`, drawn on the generator's device, then moved."""
     device = generator.device if generator is not None else sample.device
     noise = torch.randn(sample.shape, generator=generator, device=device, dtype=sample.dtype)
+    if noise.device.type == "cpu" and sample.device.type == "cuda":
+        # From pinned memory the copy runs without making the host wait for the GPU's queued work.
+        return noise.pin_memory().to(sample.device, non_blocking=True)
     return noise.to(sample.device)
 
 

@@ -156,7 +156,7 @@ class NoiseSchedule:
         """Pick values[t] for each sample and shape it to broadcast against `like`.
 
         (B,) timesteps -> (B, 1, ..., 1) with as many dims as `like`; a python int -> a 0-d tensor.
-        The result has `like`'s dtype and device.
+        The result has `like`'s dtype, and its device unless it is 0-d (then it stays on the CPU).
         """
         t = self._check_timesteps(timesteps)
         out = values[t]  # () or (B,)
@@ -168,7 +168,10 @@ class NoiseSchedule:
                 )
             out = out.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
         # Cast on the CPU before moving: some devices (Apple's MPS) have no float64.
-        return out.to(dtype=like.dtype).to(like.device)
+        out = out.to(dtype=like.dtype)
+        # A 0-d CPU tensor multiplies tensors on any device as a plain number; copying it to a GPU would make
+        # the host wait for the GPU at every sampler step.
+        return out if out.ndim == 0 else out.to(like.device)
 
     # ----------------------------------------------------------------------------- forward process
 
