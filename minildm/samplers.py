@@ -126,6 +126,7 @@ class BaseSampler:
         # Each visited timestep -> the next one (-1 after the last), built once: step() looks it up every call.
         visited = timesteps.tolist()
         self._next_timestep = dict(zip(visited, visited[1:] + [-1]))
+        self._alphas_cumprod = self.schedule.alphas_cumprod.tolist()  # ᾱ_t as python floats, read every step
 
     def _check_timestep(self, timestep: int | torch.Tensor) -> int:
         """Check that `timestep` is one the loop visits and return it as a python int."""
@@ -206,15 +207,17 @@ class DDIMSampler(BaseSampler):
 
     def _alpha_bars(self, t: int) -> tuple[float, float]:
         """(ᾱ_t, ᾱ_prev) as python floats (float64); a python float scales any dtype on any device."""
-        prev_t = self.previous_timestep(t)
-        alpha_bar_t = self.schedule.alphas_cumprod[t].item()
-        alpha_bar_prev = self.schedule.alphas_cumprod[prev_t].item() if prev_t >= 0 else self.final_alpha_cumprod
+        prev_t = self._next_timestep[t]
+        alpha_bar_t = self._alphas_cumprod[t]
+        alpha_bar_prev = self._alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         return alpha_bar_t, alpha_bar_prev
+
+    def _variance(self, alpha_bar_t: float, alpha_bar_prev: float) -> float:
+        return self.eta**2 * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
 
     def variance(self, timestep: int | torch.Tensor) -> float:
         """σ_t(η)², the variance of the noise that step(…, timestep, …) adds  (Song eq. 16, squared)."""
-        alpha_bar_t, alpha_bar_prev = self._alpha_bars(self._check_timestep(timestep))
-        return self.eta**2 * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        return self._variance(*self._alpha_bars(self._check_timestep(timestep)))
 
     def step(
         self,
@@ -228,7 +231,7 @@ class DDIMSampler(BaseSampler):
         alpha_bar_t, alpha_bar_prev = self._alpha_bars(t)
         x0, eps = self._predict_x0_and_eps(model_output, t, sample, generator)  # x̂_0 and ε, both (B, ...)
 
-        sigma_t = self.variance(t) ** 0.5  # Song eq. 16
+        sigma_t = self._variance(alpha_bar_t, alpha_bar_prev) ** 0.5  # Song eq. 16
         direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # "direction pointing to x_t"
         prev_sample = alpha_bar_prev**0.5 * x0 + direction  # Song eq. 12, without the noise term
         if self.eta > 0:
@@ -260,16 +263,19 @@ class DDPMSampler(BaseSampler):
 
     def _coefficients(self, t: int) -> tuple[float, float, float]:
         """(ᾱ_t, ᾱ_prev, β_t) for the jump from t to the previous inference timestep."""
-        prev_t = self.previous_timestep(t)
-        alpha_bar_t = self.schedule.alphas_cumprod[t].item()
-        alpha_bar_prev = self.schedule.alphas_cumprod[prev_t].item() if prev_t >= 0 else 1.0  # ᾱ_{-1} = 1
+        prev_t = self._next_timestep[t]
+        alpha_bar_t = self._alphas_cumprod[t]
+        alpha_bar_prev = self._alphas_cumprod[prev_t] if prev_t >= 0 else 1.0  # ᾱ_{-1} = 1
         beta_t = 1 - alpha_bar_t / alpha_bar_prev  # = betas[t] when every step is visited
         return alpha_bar_t, alpha_bar_prev, beta_t
 
+    @staticmethod
+    def _variance(alpha_bar_t: float, alpha_bar_prev: float, beta_t: float) -> float:
+        return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+
     def variance(self, timestep: int | torch.Tensor) -> float:
         """β̃_t = (1 - ᾱ_prev) / (1 - ᾱ_t) · β_t, the posterior variance (Ho eq. 7); 0 at the last step."""
-        alpha_bar_t, alpha_bar_prev, beta_t = self._coefficients(self._check_timestep(timestep))
-        return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+        return self._variance(*self._coefficients(self._check_timestep(timestep)))
 
     def step(
         self,
@@ -287,6 +293,7 @@ class DDPMSampler(BaseSampler):
         x0_coeff = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)
         sample_coeff = (1 - beta_t) ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # sqrt(α_t) = sqrt(1 - β_t)
         prev_sample = x0_coeff * x0 + sample_coeff * sample
-        if self.previous_timestep(t) >= 0:  # the last step returns the mean: no noise on the result
-            prev_sample = prev_sample + self.variance(t) ** 0.5 * _randn(sample, generator)  # + sqrt(β̃_t) z
+        if self._next_timestep[t] >= 0:  # the last step returns the mean: no noise on the result
+            variance = self._variance(alpha_bar_t, alpha_bar_prev, beta_t)
+            prev_sample = prev_sample + variance**0.5 * _randn(sample, generator)  # + sqrt(β̃_t) z
         return SamplerOutput(prev_sample, x0)

@@ -142,7 +142,7 @@ class NoiseSchedule:
         elif isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool):
             if not 0 <= timesteps < T:  # checked before torch.tensor(), which overflows past 2**63
                 raise ValueError(f"timesteps must be between 0 and {T - 1} (num_train_timesteps={T}), got {timesteps}")
-            t = torch.tensor(int(timesteps))
+            return torch.tensor(int(timesteps))  # in range: no tensor checks below (samplers call this every step)
         else:
             raise ValueError(f"timesteps must be a python int or an integer tensor, got {timesteps!r}")
         if t.numel() > 0 and (t.min() < 0 or t.max() >= T):
