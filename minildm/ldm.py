@@ -244,7 +244,8 @@ class LatentDiffusion(nn.Module):
                                     torch.cat([c.pred_original_latents for c in chunks], dim=1))
 
         was_training = self.training
-        self.eval()
+        if any(m.training for m in (self, self.unet, self.text_encoder, self.autoencoder) if m is not None):
+            self.eval()  # no dropout while sampling; eval() visits every module (~1 ms): only when needed
         scheduler = self.make_sampler(sampler, eta)
         scheduler.set_timesteps(num_inference_steps)
         cond = self.text_encoder.encode(prompts)  # (B, L, D)
@@ -264,7 +265,8 @@ class LatentDiffusion(nn.Module):
             if callback is not None:
                 callback(i, int(t), latents)
         images = self.decode_latents(latents)
-        self.train(was_training)
+        if was_training:
+            self.train()
         if not return_intermediates:
             return images
         return GenerationOutput(images, [int(t) for t in scheduler.timesteps], torch.stack(trajectory),

@@ -1,5 +1,6 @@
 """LatentDiffusion: the training objective (eq. 3), guidance, generation, attention maps, save/load."""
 
+import dataclasses
 import json
 
 import pytest
@@ -216,3 +217,22 @@ def test_pixel_space_model_needs_matching_channels():
                                            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=4))
     with pytest.raises(ValueError, match="pixel space"):
         LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=16)
+
+
+def test_generate_samples_without_dropout_and_restores_training_mode():
+    torch.manual_seed(0)
+    ldm = make_tiny_ldm()
+    ldm.unet = UNet2DConditionModel(dataclasses.replace(ldm.unet.config, dropout=0.5))  # dropout would show
+    ldm.eval()
+
+    def sample():
+        return ldm.generate(CAPTIONS[:2], 4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+
+    reference = sample()
+    ldm.train()
+    assert torch.equal(sample(), reference)  # sampled in eval mode
+    assert ldm.training and ldm.unet.training and ldm.text_encoder.training  # and put back
+    ldm.eval()
+    ldm.unet.train()  # only a part training (as a training loop leaves it): still no dropout
+    assert torch.equal(sample(), reference)
+    assert not ldm.unet.training
