@@ -152,26 +152,28 @@ class NoiseSchedule:
             )
         return t
 
-    def _gather(self, values: torch.Tensor, timesteps: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _gather(self, values: torch.Tensor, timesteps: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
         """Pick values[t] for each sample and shape it to broadcast against `like`.
 
-        (B,) timesteps -> (B, 1, ..., 1) with as many dims as `like`; a python int -> a 0-d tensor.
-        The result has `like`'s dtype, and its device unless it is 0-d (then it stays on the CPU).
+        (B,) timesteps -> a (B, 1, ..., 1) tensor with as many dims as `like`, with its dtype and device.
+        One timestep (an int or a 0-d tensor) -> a python float: it scales a tensor of any dtype on any
+        device as it is, with no tensor to make and, on a GPU, no copy that would make the host wait at
+        every sampler step.
         """
+        if type(timesteps) is int and 0 <= timesteps < self.num_train_timesteps:  # not a bool, in range
+            return values[timesteps].item()  # a sampler's step, without making a tensor to check
         t = self._check_timesteps(timesteps)
-        out = values[t]  # () or (B,)
-        if out.ndim == 1:
-            if like.ndim == 0 or out.shape[0] not in (1, like.shape[0]):
-                raise ValueError(
-                    f"got {out.shape[0]} timesteps for a batch of shape {tuple(like.shape)}; pass one "
-                    "timestep per sample (shape (B,)) or a single int"
-                )
-            out = out.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+        if t.ndim == 0:
+            return values[int(t)].item()
+        out = values[t]  # (B,)
+        if like.ndim == 0 or out.shape[0] not in (1, like.shape[0]):
+            raise ValueError(
+                f"got {out.shape[0]} timesteps for a batch of shape {tuple(like.shape)}; pass one "
+                "timestep per sample (shape (B,)) or a single int"
+            )
+        out = out.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
         # Cast on the CPU before moving: some devices (Apple's MPS) have no float64.
-        out = out.to(dtype=like.dtype)
-        # A 0-d CPU tensor multiplies tensors on any device as a plain number; copying it to a GPU would make
-        # the host wait for the GPU at every sampler step.
-        return out if out.ndim == 0 else out.to(like.device)
+        return out.to(dtype=like.dtype).to(like.device)
 
     # ----------------------------------------------------------------------------- forward process
 
@@ -184,7 +186,7 @@ class NoiseSchedule:
         """
         check_samples(original_samples, "original_samples", noise, "noise")
         alpha_bar = self._gather(self.alphas_cumprod, timesteps, original_samples)  # (B, 1, ..., 1)
-        return alpha_bar.sqrt() * original_samples + (1 - alpha_bar).sqrt() * noise  # Ho eq. 4
+        return alpha_bar ** 0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise  # Ho eq. 4
 
     def snr(self, timesteps: int | torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio SNR(t) = ᾱ_t / (1 - ᾱ_t); decreasing in t.
@@ -209,31 +211,31 @@ class NoiseSchedule:
         """
         check_samples(sample, "sample", noise, "noise")
         alpha_bar = self._gather(self.alphas_cumprod, timesteps, sample)
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * sample
+        return alpha_bar ** 0.5 * noise - (1 - alpha_bar) ** 0.5 * sample
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor):
         """x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t): Ho eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0")."""
         check_samples(x_t, "x_t", eps, "eps")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: int | torch.Tensor):
         """ε = (x_t - sqrt(ᾱ_t) x_0) / sqrt(1 - ᾱ_t): Ho eq. 4 solved for ε."""
         check_samples(x_t, "x_t", x0, "x0")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
-        return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        return (x_t - alpha_bar ** 0.5 * x0) / (1 - alpha_bar) ** 0.5
 
     def predict_x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor):
         """x_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v  (a x_t - s v = a² x_0 + s² x_0)."""
         check_samples(x_t, "x_t", v, "v")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
-        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * v
+        return alpha_bar ** 0.5 * x_t - (1 - alpha_bar) ** 0.5 * v
 
     def predict_eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor):
         """ε = sqrt(1 - ᾱ_t) x_t + sqrt(ᾱ_t) v  (s x_t + a v = s² ε + a² ε)."""
         check_samples(x_t, "x_t", v, "v")
         alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
-        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+        return (1 - alpha_bar) ** 0.5 * x_t + alpha_bar ** 0.5 * v
 
     def to_x0_and_eps(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, prediction_type: str

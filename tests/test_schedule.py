@@ -141,6 +141,25 @@ def test_conversions_follow_input_dtype():
     x = torch.randn(2, 3, dtype=torch.float16)
     assert schedule.predict_x0_from_eps(x, x, torch.tensor([3, 4])).dtype == torch.float16
     assert schedule.get_velocity(x.float(), x.float(), 7).dtype == torch.float32
+    assert schedule.predict_x0_from_eps(x, x, 7).dtype == torch.float16
+    assert schedule.add_noise(x.bfloat16(), x.bfloat16(), 7).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("t", [0, 480, 999])
+def test_one_timestep_for_all_agrees_with_one_per_sample(t):
+    """A sampler passes one int for the whole batch (taken as a python float) and training one timestep per
+    sample (gathered as a tensor): the two paths give the same numbers."""
+    schedule = NoiseSchedule()
+    g = torch.Generator().manual_seed(t)
+    x, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    per_sample = torch.full((3,), t)
+    for one in (t, torch.tensor(t)):
+        torch.testing.assert_close(schedule.add_noise(x, eps, one), schedule.add_noise(x, eps, per_sample),
+                                   rtol=1e-6, atol=1e-6)
+        for prediction_type in PREDICTION_TYPES:
+            for got, want in zip(schedule.to_x0_and_eps(eps, x, one, prediction_type),
+                                 schedule.to_x0_and_eps(eps, x, per_sample, prediction_type)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # 1/sqrt(1 - ᾱ_0) = 100 amplifies
 
 
 @pytest.mark.parametrize(
