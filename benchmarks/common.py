@@ -39,7 +39,11 @@ def time_alternating(functions: dict, repeats: int, warmup: int = 2) -> dict[str
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def write_result(name: str, result: dict) -> Path:
+def write_result(name: str, result: dict, device: torch.device | None = None) -> Path:
+    """benchmarks/results/<name>.json; a run on another device than the CPU writes <name>_<device type>.json,
+    so that GPU and CPU results sit side by side."""
+    if device is not None and device.type != "cpu":
+        name = f"{name}_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

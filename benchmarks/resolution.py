@@ -146,7 +146,8 @@ def main(argv=None):
                               "f4": sum(p.numel() for p in demo_unet(4).parameters())},
               "rows": rows, "machine": machine(), "git": git_commit()}
     if not args.quick:
-        print(f"wrote {write_result('resolution', result)}")
+        name = "resolution" if batch_size == 8 else f"resolution_batch{batch_size}"
+        print(f"wrote {write_result(name, result, device)}")
     return result
 
 
