@@ -16,7 +16,7 @@ calls, that is encoding the prompts, drawing the first noise, the guidance arith
 and decoding the latents. Target: under 5%. That work is also timed on its own (everything_but_the_unet),
 which says where an overhead comes from.
 
-    python -m benchmarks.sampling [--quick] [--threads 1] [--device cuda]
+    python -m benchmarks.sampling [--quick] [--threads 1] [--device cuda] [--only ddpm:64 --repeats 5]
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def everything_but_the_unet(ldm, prompts: list[str], sampler: str, num_inference
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks that it runs")
+    parser.add_argument("--only", nargs="+", metavar="SAMPLER:BATCH", default=None,
+                        help="run these settings only, e.g. ddpm:64 (results go to sampling_only_ddpm_64.json)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds for each setting run")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
@@ -110,6 +113,14 @@ def main(argv=None):
         if device.type == "cuda":  # GPU timings vary less, and a lent GPU's minutes are few
             settings = [("ddim", 50, 1, 15, 2), ("ddim", 50, 64, 15, 2),
                         ("ddpm", 1000, 1, 3, 1), ("ddpm", 1000, 64, 3, 1)]
+
+    if args.only is not None:
+        available = [f"{sampler}:{batch}" for sampler, _, batch, _, _ in settings]
+        if not set(args.only) <= set(available):
+            parser.error(f"--only takes SAMPLER:BATCH from {' '.join(available)}, got {' '.join(args.only)}")
+        settings = [row for row, name in zip(settings, available) if name in args.only]
+    if args.repeats is not None:
+        settings = [(sampler, steps, batch, args.repeats, warmup) for sampler, steps, batch, _, warmup in settings]
 
     config = DemoConfig()
     data = ShapesDataset(length=max(batch for _, _, batch, _, _ in settings), seed=0, progress=False)
@@ -138,7 +149,8 @@ def main(argv=None):
     print(f"largest overhead: {100 * worst['overhead']:+.1f}% ({worst['sampler'].upper()}-"
           f"{worst['num_inference_steps']}, batch {worst['batch_size']}; target < 5%)")
     if not args.quick:
-        print(f"wrote {write_result('sampling', result, device)}")
+        name = "sampling" if args.only is None else "sampling_only_" + "_".join(i.replace(":", "_") for i in args.only)
+        print(f"wrote {write_result(name, result, device)}")
     return result
 
 
