@@ -5,9 +5,9 @@ clipping, a cosine learning-rate decay over the run, an exponential moving avera
 weights for sampling, a tqdm progress bar, and a wall-clock budget (`max_minutes`) so a run fits a
 lesson. On a GPU they use bf16 autocast. `checkpoint_dir` saves the full training state (weights,
 EMA, optimizer, step, random-number state) every `checkpoint_every` steps, and `resume=True` picks it
-up again. Everything is safetensors + JSON (checkpoint.py). A step whose loss or gradient is not finite
-stops the run before it changes anything, naming the step and the tensor (or, with nan_policy="skip",
-is left out and counted).
+up again (training_state.py). Everything is safetensors + JSON (checkpoint.py). A step whose loss or
+gradient is not finite stops the run before it changes anything, naming the step and the tensor (or, with
+nan_policy="skip", is left out and counted).
 
 Stage two trains on precomputed latents: the autoencoder is frozen, so each image is encoded once
 (its posterior mean and std kept), and every step draws z = mean + std · ε from them, scaled by the
@@ -26,17 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .autoencoder import AutoencoderKL
-from .checkpoint import (
-    atomic_directory,
-    atomic_write_json,
-    load_module_weights,
-    load_weights,
-    read_json,
-    readable_directory,
-    save_weights,
-)
+from .checkpoint import readable_directory
 from .discriminator import PatchDiscriminator, generator_loss, hinge_discriminator_loss
 from .ldm import LatentDiffusion
+from .training_state import load_training_state, save_training_state
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -82,70 +75,6 @@ def cosine_lr(base_lr: float, progress: float, warmup: float = 0.02) -> float:
 
 
 # ---- training state on disk --------------------------------------------------------------------------------
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """An optimizer's per-parameter state (AdamW: step, exp_avg, exp_avg_sq) as tensors named "index.key"."""
-    return {f"{i}.{key}": (v if torch.is_tensor(v) else torch.tensor(v))
-            for i, state in optimizer.state_dict()["state"].items() for key, v in state.items()}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups) -> None:
-    state: dict = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def save_training_state(directory, modules: dict[str, nn.Module], optimizer, ema: EMA | None,
-                        generator: torch.Generator, step: int, history: dict,
-                        extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
-    """Everything needed to continue bit for bit: weights, EMA, optimizer moments, step, RNG state.
-
-    `extra_optimizers` (the discriminator's) are saved as NAME_optimizer.safetensors. The folder is
-    replaced as a whole (checkpoint.atomic_directory): a crash leaves the previous checkpoint or this one.
-    """
-    extra_optimizers = extra_optimizers if extra_optimizers is not None else {}
-    with atomic_directory(directory) as folder:
-        for name, module in modules.items():
-            save_weights(module.state_dict(), folder / f"{name}.safetensors")
-        if ema is not None:
-            save_weights({str(i): s for i, s in enumerate(ema.shadow)}, folder / "ema.safetensors")
-        tensors = _optimizer_tensors(optimizer)
-        tensors["rng"] = generator.get_state()
-        save_weights(tensors, folder / "optimizer.safetensors")
-        for name, extra in extra_optimizers.items():
-            save_weights(_optimizer_tensors(extra), folder / f"{name}_optimizer.safetensors")
-        extra_param_groups = {name: extra.state_dict()["param_groups"] for name, extra in extra_optimizers.items()}
-        atomic_write_json(folder / "trainer.json", {
-            "step": step, "param_groups": optimizer.state_dict()["param_groups"],
-            "extra_param_groups": extra_param_groups, "ema_updates": ema.num_updates if ema else 0, "history": history,
-        })
-
-
-def load_training_state(directory, modules: dict[str, nn.Module], optimizer, ema: EMA | None,
-                        generator: torch.Generator,
-                        extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[int, dict]:
-    """Restore what save_training_state wrote into the given objects; returns (step, history)."""
-    directory = readable_directory(directory)
-    meta = read_json(directory / "trainer.json")
-    for name, module in modules.items():
-        load_module_weights(module, directory / f"{name}.safetensors")
-    if ema is not None:
-        shadow = load_weights(directory / "ema.safetensors")
-        ema.shadow = [shadow[str(i)].to(s.device) for i, s in enumerate(ema.shadow)]
-        ema.num_updates = meta["ema_updates"]
-    tensors = load_weights(directory / "optimizer.safetensors")
-    generator.set_state(tensors.pop("rng"))
-    _load_optimizer(optimizer, tensors, meta["param_groups"])
-    for name, extra in (extra_optimizers or {}).items():
-        if name not in meta.get("extra_param_groups", {}):
-            raise ValueError(f"the checkpoint in {directory} has no state for the {name} optimizer; it was saved "
-                             f"by a run without a {name}")
-        _load_optimizer(extra, load_weights(directory / f"{name}_optimizer.safetensors"),
-                        meta["extra_param_groups"][name])
-    return meta["step"], meta["history"]
 
 
 # ---- the loop both stages share ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import sigkill_worker
 import torch
 
 from minildm.checkpoint import readable_directory
-from minildm.train import load_training_state
+from minildm.training_state import load_training_state
 
 KILLS = 25
 
