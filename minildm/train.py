@@ -74,9 +74,6 @@ def cosine_lr(base_lr: float, progress: float, warmup: float = 0.02) -> float:
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-# ---- training state on disk --------------------------------------------------------------------------------
-
-
 # ---- the loop both stages share ------------------------------------------------------------------------------
 
 NAN_POLICIES = ("raise", "skip")

@@ -1,5 +1,7 @@
 """The benchmarks' --quick runs: they work end to end (the targets themselves are in benchmarks/RESULTS.md)."""
 
+import pytest
+
 from benchmarks import demo_target, latent_step
 
 
@@ -112,6 +114,26 @@ def test_sampling_quick():
                                                                          ("ddpm", 4)]
     for row in result["rows"]:
         assert row["images_per_s"] > 0 and row["unet_calls_s"] > 0
+
+
+def test_sampling_only_runs_the_chosen_settings_and_refuses_unknown_ones(capsys):
+    from benchmarks import sampling
+
+    result = sampling.main(["--quick", "--only", "ddpm:1", "--repeats", "3"])
+    assert [(r["sampler"], r["batch_size"], r["repeats"]) for r in result["rows"]] == [("ddpm", 1, 3)]
+    with pytest.raises(SystemExit):
+        sampling.main(["--quick", "--only", "ddim:7"])
+    assert "ddim:1 ddim:4 ddpm:1 ddpm:4" in capsys.readouterr().err
+
+
+def test_results_on_a_gpu_get_their_own_file(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert common.write_result("sampling", {}, torch.device("cpu")).name == "sampling.json"
+    assert common.write_result("sampling", {}, torch.device("cuda")).name == "sampling_cuda.json"
 
 
 def test_resolution_quick():
