@@ -29,6 +29,7 @@ switches on) instead of scaled_dot_product_attention, and torch.compile, with it
 
     pip install "minildm[bench]"   # diffusers (measured with 0.42.1)
     python -m benchmarks.vs_diffusers [--quick] [--threads 1] [--device cuda] [--no-compile]
+    python -m benchmarks.vs_diffusers --forward-only sd_shaped --repeats 41 --threads 1   # a ratio near 1.0 again
 """
 
 from __future__ import annotations
@@ -308,11 +309,33 @@ def print_case(name: str, result: dict) -> None:
               f"{options['compile_time_s']['training_step']:.0f} s (training step) before the first call returned")
 
 
+def recheck_forwards(case: Case, repeats: int, device) -> dict:
+    """Only the forwards of one case, for many rounds: the ratio's median with its quartiles, to tell a ratio
+    near 1.0 from noise (`--forward-only`)."""
+    unet, d_unet, unet_inputs, _ = build_unets(case, device)
+    ae, d_ae, (images,), _ = build_autoencoders(case, device)
+    result = {}
+    for model, ours, theirs in (("unet", lambda: unet(*unet_inputs), lambda: d_unet(*unet_inputs).sample),
+                                ("autoencoder", lambda: ae(images), lambda: d_ae(images).sample)):
+        samples = interleaved_samples({"minildm": forward_fn(ours, device), "diffusers": forward_fn(theirs, device)},
+                                      repeats)
+        ratios = [a / b for a, b in zip(samples["minildm"], samples["diffusers"])]
+        result[model] = {"forward_s": {name: statistics.median(v) for name, v in samples.items()},
+                         "ratio_median": statistics.median(ratios),
+                         "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+        print(f"{model} forward: minildm / diffusers {result[model]['ratio_median']:.3f} (quartiles "
+              f"{result[model]['ratio_quartiles'][0]:.3f} to {result[model]['ratio_quartiles'][2]:.3f}, "
+              f"{repeats} rounds)", flush=True)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats: checks that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15, 1 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compiling on a CPU)")
+    parser.add_argument("--forward-only", metavar="CASE", choices=sorted(CASES), default=None,
+                        help="time only this case's two forwards, with quartiles (use many --repeats)")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -333,6 +356,11 @@ def main(argv=None):
     result = {"diffusers": diffusers.__version__, "device": str(device), "repeats": repeats, "machine": machine(),
               "git": git_commit(),
               "cases": {}}
+    if args.forward_only is not None:
+        result["cases"][args.forward_only] = recheck_forwards(cases[args.forward_only], repeats, device)
+        if not args.quick:
+            print(f"wrote {write_result(f'vs_diffusers_forward_{args.forward_only}', result, device)}")
+        return result
     for name, case in cases.items():
         result["cases"][name] = run_case(case, repeats, device, compile_unet and name == "small")
         print_case(name, result["cases"][name])

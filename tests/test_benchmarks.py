@@ -104,6 +104,11 @@ def test_vs_diffusers_quick():
             assert case[model]["train_step_peak_mb"]["minildm"] > 0
         assert set(case["minildm_options"]["unet"]["forward_s"]) == {"default", "channels_last",
                                                                      "written_out_attention"}
+    recheck = vs_diffusers.main(["--quick", "--forward-only", "sd_shaped", "--repeats", "4"])
+    assert list(recheck["cases"]) == ["sd_shaped"]
+    for model in ("unet", "autoencoder"):
+        low, median, high = recheck["cases"]["sd_shaped"][model]["ratio_quartiles"]
+        assert 0 < low <= median <= high
 
 
 def test_sampling_quick():
