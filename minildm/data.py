@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import check_path
+from .atomic import check_path
 
 MNIST_CLASS_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 MNIST_PHRASES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

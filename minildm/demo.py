@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import viz
+from .atomic import atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import atomic_write_json
 from .ldm import LatentDiffusion
 from .metrics import ShapesChecker
 from .schedule import NoiseSchedule

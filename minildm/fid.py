@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_json
+from .atomic import atomic_write_json
 from .classifier import ClassifierConfig, SmallClassifier, train_classifier
 from .data import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, cache_root, load_fashion_mnist, load_mnist
 

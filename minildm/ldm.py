@@ -34,15 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
 from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import (
-    atomic_directory,
-    atomic_write_json,
-    load_module_weights,
-    read_json,
-    readable_directory,
-    save_weights,
-)
+from .checkpoint import load_module_weights, save_weights
 from .checks import check_like_weights
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule

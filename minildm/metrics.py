@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_json, read_json
+from .atomic import atomic_write_json, read_json
 from .classifier import ClassifierConfig, SmallClassifier, train_classifier
 from .shapes import COLORS, POSITION_ANCHORS, SHAPES, ShapeAttributes, ShapesDataset
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import readable_directory
 from .autoencoder import AutoencoderKL
-from .checkpoint import readable_directory
 from .discriminator import PatchDiscriminator, generator_loss, hinge_discriminator_loss
 from .ldm import LatentDiffusion
 from .training_state import load_training_state, save_training_state

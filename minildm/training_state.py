@@ -14,15 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .checkpoint import (
-    atomic_directory,
-    atomic_write_json,
-    load_module_weights,
-    load_weights,
-    read_json,
-    readable_directory,
-    save_weights,
-)
+from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
+from .checkpoint import load_module_weights, load_weights, save_weights
 
 if TYPE_CHECKING:
     from .train import EMA

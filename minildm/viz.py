@@ -14,14 +14,14 @@ closed at once, which detaches it from pyplot: a script that makes a thousand fi
 a notebook shows a returned figure once instead of twice. Show it by leaving it as the last expression
 of a cell, or save it with `fig.savefig("samples.png")`.
 
-Depends on torch, matplotlib and Pillow; imports no other minildm module.
+Depends on torch, matplotlib and Pillow, and of minildm only on atomic.py (save_gif's crash-safe write).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
+
+from .atomic import atomic_write_bytes, check_path
 
 TITLE_FONTSIZE = 7
 GIF_MIN_WIDTH = 256  # pixels: a 32x32 sample upscaled 8x is big enough to see in a browser
@@ -297,22 +299,12 @@ def save_gif(
         pictures.append(picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST))
     durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            pictures[0].save(
-                file, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0, optimize=True
-            )
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes the file owner-only; a picture is for everyone to read
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    path = check_path(path, "path")
+    buffer = io.BytesIO()
+    pictures[0].save(
+        buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0, optimize=True
+    )
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

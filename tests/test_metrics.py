@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from minildm.checkpoint import atomic_write_json, read_json
+from minildm.atomic import atomic_write_json, read_json
 from minildm.metrics import CHECKER_VERSION, ShapesChecker, gaussian_blur
 from minildm.shapes import HELD_OUT, ShapeAttributes, ShapesDataset, render
 

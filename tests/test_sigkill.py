@@ -19,7 +19,7 @@ import pytest
 import sigkill_worker
 import torch
 
-from minildm.checkpoint import readable_directory
+from minildm.atomic import readable_directory
 from minildm.training_state import load_training_state
 
 KILLS = 25

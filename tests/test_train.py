@@ -187,7 +187,8 @@ def poison_gradient(parameter, at_calls):
 
 
 def test_nan_gradient_stops_naming_the_parameter_and_keeps_the_last_checkpoint(tmp_path):
-    from minildm.checkpoint import load_weights, read_json
+    from minildm.atomic import read_json
+    from minildm.checkpoint import load_weights
 
     ae = tiny_autoencoder()
     poison_gradient(ae.decoder.conv_out.weight, at_calls={2})
