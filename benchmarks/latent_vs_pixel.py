@@ -30,10 +30,10 @@ import matplotlib
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.data import load_mnist
 from minildm.fid import dataset_classifier, fid, label_accuracy, psnr
 from minildm.ldm import LatentDiffusion
 from minildm.metrics import ShapesChecker
+from minildm.mnist import load_mnist
 from minildm.schedule import NoiseSchedule
 from minildm.shapes import ShapesDataset, evaluation_prompts
 from minildm.text import TextEncoder

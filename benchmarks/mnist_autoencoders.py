@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.data import load_mnist
 from minildm.fid import dataset_classifier, fid, label_accuracy, psnr
+from minildm.mnist import load_mnist
 from minildm.train import train_autoencoder
 
 from .common import machine, write_result

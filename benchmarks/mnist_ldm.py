@@ -23,9 +23,9 @@ import time
 import torch
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.data import load_mnist
 from minildm.fid import dataset_classifier, fid, label_accuracy, psnr
 from minildm.ldm import LatentDiffusion
+from minildm.mnist import load_mnist
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder
 from minildm.train import train_autoencoder, train_ldm

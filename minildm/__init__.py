@@ -8,12 +8,14 @@ from . import viz
 from .attention import Attention, BasicTransformerBlock, Transformer2DModel
 from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from .classifier import ClassifierConfig, SmallClassifier
-from .data import LabeledImages, load_fashion_mnist, load_image_dataset, load_mnist
+from .data import LabeledImages
 from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
 from .fid import dataset_classifier, fid, frechet_distance, label_accuracy, psnr
+from .image_datasets import load_image_dataset
 from .ldm import GenerationOutput, LatentDiffusion
 from .metrics import ShapesChecker
+from .mnist import load_fashion_mnist, load_mnist
 from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
 from .schedule import NoiseSchedule
 from .shapes import HELD_OUT, ShapeAttributes, ShapesDataset

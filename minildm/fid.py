@@ -23,7 +23,8 @@ import torch
 
 from .atomic import atomic_write_json
 from .classifier import ClassifierConfig, SmallClassifier, train_classifier
-from .data import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, cache_root, load_fashion_mnist, load_mnist
+from .data import cache_root
+from .mnist import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, load_fashion_mnist, load_mnist
 
 DATASET_LOADERS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist}
 DATASET_CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "fashion_mnist": FASHION_MNIST_CLASS_NAMES}

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import latent_vs_pixel
-from minildm.data import load_mnist
+from minildm.mnist import load_mnist
 
 
 def test_latent_vs_pixel_quick():

@@ -25,7 +25,8 @@ def test_mnist_ldm_quick():
     import pytest
 
     from benchmarks import mnist_ldm
-    from minildm.data import cache_root, load_mnist
+    from minildm.data import cache_root
+    from minildm.mnist import load_mnist
 
     try:
         load_mnist("test", progress=False)
