@@ -6,6 +6,10 @@ Runs the demo exactly as a user would (default DemoConfig), then writes the repo
 it ran on to benchmarks/results/demo_target.json. Run nothing else at the same time: with 2 cores,
 a second busy process slows torch's two threads many times over.
 
+The demo samples with generate()'s default sampler, which run_demo chooses: since the API change (issue 11)
+that is DDIM with "trailing" spacing and set_alpha_to_one=True (LatentDiffusion.make_sampler()); the
+recorded results/demo_target.json was measured with the earlier default, "leading" with steps_offset=1.
+
     python -m benchmarks.demo_target [--quick] [--out DIR]
 """
 

@@ -42,12 +42,12 @@ def main(argv=None):
         in_channels=3, out_channels=3, block_out_channels=config.unet_channels,
         attention_levels=config.unet_attention_levels, cross_attention_dim=config.text_hidden_size,
         norm_num_groups=config.unet_norm_groups))
-    pixel_text = build_model(config, build_autoencoder(config), data.captions).text_encoder
+    pixel_text = build_model(config, build_autoencoder(config), data.captions).conditioner
     schedule = NoiseSchedule()
 
     latents = latent_ldm.encode_images(data.images)  # (B, 4, 8, 8)
     pixels = data.images  # (B, 3, 32, 32)
-    latent_params = [*latent_ldm.unet.parameters(), *latent_ldm.text_encoder.parameters()]
+    latent_params = [*latent_ldm.backbone.parameters(), *latent_ldm.conditioner.parameters()]
     pixel_params = [*pixel_unet.parameters(), *pixel_text.parameters()]
     latent_opt = torch.optim.AdamW(latent_params, 1e-4)
     pixel_opt = torch.optim.AdamW(pixel_params, 1e-4)
@@ -62,16 +62,16 @@ def main(argv=None):
 
     def encode():
         with torch.no_grad():
-            latent_ldm.autoencoder.encode(pixels)
+            latent_ldm.first_stage.encode(pixels)
 
     times = time_alternating({
-        "latent_step": lambda: step(latent_ldm.unet, latent_ldm.text_encoder, latent_opt, latents),
+        "latent_step": lambda: step(latent_ldm.backbone, latent_ldm.conditioner, latent_opt, latents),
         "pixel_step": lambda: step(pixel_unet, pixel_text, pixel_opt, pixels),
         "encode_batch": encode,
     }, repeats)
     result = {
         "batch_size": args.batch_size,
-        "latent_unet_params": sum(p.numel() for p in latent_ldm.unet.parameters()),
+        "latent_unet_params": sum(p.numel() for p in latent_ldm.backbone.parameters()),
         "pixel_unet_params": sum(p.numel() for p in pixel_unet.parameters()),
         "latent_step_s": times["latent_step"], "pixel_step_s": times["pixel_step"],
         "encode_batch_s": times["encode_batch"],

@@ -7,6 +7,8 @@ own, and are not counted, as in the paper. Reported per f:
 
   - training step time and the steps the budget bought;
   - sampling time for 64 images with DDIM-50 (guidance 3, so 128 UNet rows per step), decoding included;
+    every sampling here uses the DDIM the recorded results were measured with: Stable Diffusion's settings
+    ("leading" spacing, steps_offset=1; `recorded_sampler`), not generate()'s default ("trailing");
   - quality: prompt accuracy and domain FID (MNIST, via fid.dataset_classifier), or the share of samples with
     all four attributes right (ShapesDataset, via ShapesChecker);
   - quality over training time (a curve per f), measured every budget/points of training; the time spent
@@ -34,10 +36,11 @@ from minildm.fid import dataset_classifier, fid, label_accuracy, psnr
 from minildm.ldm import LatentDiffusion
 from minildm.metrics import ShapesChecker
 from minildm.mnist import load_mnist
+from minildm.samplers import DDIMSampler
 from minildm.schedule import NoiseSchedule
 from minildm.shapes import ShapesDataset, evaluation_prompts
 from minildm.text import TextEncoder
-from minildm.train import train_autoencoder, train_ldm
+from minildm.train import TrainingConfig, train_autoencoder, train_ldm
 from minildm.unet import UNet2DConditionModel, UNetConfig
 
 from .common import RESULTS, machine, write_result
@@ -104,6 +107,12 @@ def build_model(f: int, autoencoder: AutoencoderKL | None, task: Task, quick: bo
     return LatentDiffusion(autoencoder, unet, NoiseSchedule(), text_encoder, image_size=32)
 
 
+def recorded_sampler(ldm: LatentDiffusion) -> DDIMSampler:
+    """The DDIM of the recorded results (RESULTS.md): DDIMSampler's own defaults, Stable Diffusion's "leading"
+    spacing with steps_offset=1, which was generate()'s default then (today's is "trailing")."""
+    return DDIMSampler(ldm.schedule, prediction_type=ldm.prediction_type)
+
+
 def run_factor(task: Task, f: int, args) -> dict:
     quick = args.quick
     result: dict = {"f": f}
@@ -111,16 +120,16 @@ def run_factor(task: Task, f: int, args) -> dict:
     if f > 1:
         torch.manual_seed(0)
         autoencoder = build_autoencoder(f, task.channels, quick)
-        history = train_autoencoder(autoencoder, task.images, steps=100_000, batch_size=16, lr=2e-3,
-                                    max_minutes=args.ae_minutes, progress=False)
+        history = train_autoencoder(autoencoder, task.images, TrainingConfig.for_autoencoder(
+            steps=100_000, batch_size=16, lr=2e-3, max_minutes=args.ae_minutes, progress=False))
         autoencoder.eval()
         with torch.no_grad():
             result["autoencoder_psnr_db"] = psnr(task.test_images, autoencoder(task.test_images).clamp(-1, 1))
         result["autoencoder_steps"] = history["steps"][0]
     torch.manual_seed(0)
     ldm = build_model(f, autoencoder, task, quick)
-    result["unet_params"] = sum(p.numel() for p in ldm.unet.parameters())
-    result["latent_shape"] = list(ldm.latent_shape)
+    result["unet_params"] = sum(p.numel() for p in ldm.backbone.parameters())
+    result["latent_shape"] = list(ldm.latent_shape())
 
     # Quality over training time: evaluate every budget / points of training (evaluation time excluded).
     curve_prompts, curve_labels = task.prompts(args.curve_samples)
@@ -135,20 +144,21 @@ def run_factor(task: Task, f: int, args) -> dict:
         if trained < clock["next"]:
             return
         began = time.perf_counter()
-        images = ldm.generate(curve_prompts, num_inference_steps=10, guidance_scale=3.0,
-                              generator=torch.Generator().manual_seed(1))
-        ldm.unet.train()
-        ldm.text_encoder.train()
+        images = ldm.generate(curve_prompts, num_inference_steps=10, sampler=recorded_sampler(ldm),
+                              guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
+        ldm.backbone.train()
+        ldm.conditioner.train()
         curve.append({"train_seconds": trained, "steps": step, **task.quality(images, curve_labels, False)})
         clock["next"] += budget_s / args.points
         clock["evaluating"] += time.perf_counter() - began
 
-    history = train_ldm(ldm, task.images, task.captions, steps=1_000_000, batch_size=8 if quick else 64, lr=1e-3,
-                        max_minutes=args.minutes, callback=evaluate_now, callback_every=1, progress=False)
+    history = train_ldm(ldm, task.images, task.captions, TrainingConfig(
+        steps=1_000_000, batch_size=8 if quick else 64, lr=1e-3, max_minutes=args.minutes, callback_every=1,
+        progress=False), callback=evaluate_now)
     result["steps"] = history["steps"][0]
     result["train_seconds"] = history["seconds"][0]
     result["step_ms"] = 1e3 * history["seconds"][0] / max(history["steps"][0], 1)
-    images = ldm.generate(curve_prompts, num_inference_steps=10, guidance_scale=3.0,
+    images = ldm.generate(curve_prompts, num_inference_steps=10, sampler=recorded_sampler(ldm), guidance_scale=3.0,
                           generator=torch.Generator().manual_seed(1))
     curve.append({"train_seconds": history["seconds"][0], "steps": result["steps"], "ema": True,
                   **task.quality(images, curve_labels, False)})
@@ -159,12 +169,13 @@ def run_factor(task: Task, f: int, args) -> dict:
     # Sampling speed: 64 images, DDIM-50, guidance 3, decoding included.
     prompts, _ = task.prompts(args.sampling_images)
     start = time.perf_counter()
-    ldm.generate(prompts, num_inference_steps=50, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    ldm.generate(prompts, num_inference_steps=50, sampler=recorded_sampler(ldm), guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0))
     result["sampling_seconds"] = time.perf_counter() - start
 
     # Final quality: DDIM-25, guidance 3.
     prompts, labels = task.prompts(args.eval_samples)
-    images = ldm.generate(prompts, num_inference_steps=25, guidance_scale=3.0,
+    images = ldm.generate(prompts, num_inference_steps=25, sampler=recorded_sampler(ldm), guidance_scale=3.0,
                           generator=torch.Generator().manual_seed(2))
     result.update({f"final_{k}": v for k, v in task.quality(images, labels, task.name == "mnist").items()})
     return result

@@ -14,7 +14,7 @@ import torch
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 from minildm.fid import dataset_classifier, fid, label_accuracy, psnr
 from minildm.mnist import load_mnist
-from minildm.train import train_autoencoder
+from minildm.train import TrainingConfig, train_autoencoder
 
 from .common import machine, write_result
 
@@ -38,8 +38,8 @@ def main(argv=None):
     for f in (1, 2, 4, 8):
         torch.manual_seed(0)
         autoencoder = AutoencoderKL(AutoencoderConfig.for_factor(f, in_channels=1, width=16, norm_num_groups=8))
-        history = train_autoencoder(autoencoder, train.images, steps=3 if args.quick else 100000, batch_size=16,
-                                    lr=2e-3, max_minutes=args.seconds / 60, progress=False)
+        history = train_autoencoder(autoencoder, train.images, TrainingConfig.for_autoencoder(
+            steps=3 if args.quick else 100000, batch_size=16, lr=2e-3, max_minutes=args.seconds / 60, progress=False))
         with torch.no_grad():
             reconstructions = torch.cat([autoencoder(real[i : i + 500]) for i in range(0, len(real), 500)])
         reconstructions = reconstructions.clamp(-1, 1)

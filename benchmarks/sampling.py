@@ -16,6 +16,11 @@ calls, that is encoding the prompts, drawing the first noise, the guidance arith
 and decoding the latents. Target: under 5%. That work is also timed on its own (everything_but_the_unet),
 which says where an overhead comes from.
 
+The samplers are the ones the recorded results were measured with, passed explicitly (`old_sampler`):
+DDIM with Stable Diffusion's settings ("leading" spacing, steps_offset=1) and DDPM with "leading" spacing,
+not generate()'s default (make_sampler(): "trailing" spacing). The spacing picks other timesteps, not other
+work: a step costs the same at any t.
+
     python -m benchmarks.sampling [--quick] [--threads 1] [--device cuda] [--only ddpm:64 --repeats 5]
 """
 
@@ -27,6 +32,7 @@ import statistics
 import torch
 
 from minildm.demo import DemoConfig, build_autoencoder, build_model
+from minildm.samplers import DDIMSampler, DDPMSampler, randn_tensor
 from minildm.shapes import ShapesDataset
 
 from .common import (
@@ -43,16 +49,26 @@ from .common import (
 GUIDANCE_SCALE = 3.0
 
 
+def old_sampler(ldm, name: str):
+    """The sampler "ddim" or "ddpm" meant when the recorded results were measured: the samplers' own defaults
+    ("leading" spacing; DDIM with steps_offset=1 and set_alpha_to_one=False), not ldm.make_sampler(name)'s."""
+    sampler_class = {"ddim": DDIMSampler, "ddpm": DDPMSampler}[name]
+    return sampler_class(ldm.schedule, prediction_type=ldm.prediction_type)
+
+
 def generate_fn(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
     def generate():
         generator = torch.Generator().manual_seed(0)
         with autocast(device):
-            ldm.generate(prompts, num_inference_steps, sampler, GUIDANCE_SCALE, generator=generator)
+            # The sampler is built in the timed call, as generate() builds its default one on every call.
+            ldm.generate(prompts, num_inference_steps, sampler=old_sampler(ldm, sampler),
+                         guidance_scale=GUIDANCE_SCALE, generator=generator)
     return generate
 
 
 def bare_unet_calls(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
-    """A function making exactly the UNet calls one generate() makes for `prompts`, with nothing around them.
+    """A function making exactly the UNet calls (ldm.backbone) one generate() makes for `prompts`, with nothing
+    around them.
 
     A forward pre-hook records the inputs of each call during one generate(); the function replays them."""
     inputs = []
@@ -62,7 +78,7 @@ def bare_unet_calls(ldm, prompts: list[str], sampler: str, num_inference_steps: 
         # Every call gets the same text states, cat([uncond, cond]): keep one, not one per step.
         inputs.append((sample, timestep, inputs[0][2] if inputs else states))
 
-    hook = ldm.unet.register_forward_pre_hook(record)
+    hook = ldm.backbone.register_forward_pre_hook(record)
     try:
         generate_fn(ldm, prompts, sampler, num_inference_steps, device)()
     finally:
@@ -71,22 +87,23 @@ def bare_unet_calls(ldm, prompts: list[str], sampler: str, num_inference_steps: 
     def run():
         with torch.no_grad(), autocast(device):
             for sample, timestep, states in inputs:
-                ldm.unet(sample, timestep, states)
+                ldm.backbone(sample, timestep, states)
     return run
 
 
 def everything_but_the_unet(ldm, prompts: list[str], sampler: str, num_inference_steps: int, device):
     """generate()'s work without its UNet calls: prompts, first noise, guidance, sampler steps, decoding."""
-    scheduler = ldm.make_sampler(sampler)
+    scheduler = old_sampler(ldm, sampler)
     scheduler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(0)
-    both = torch.randn(2 * len(prompts), *ldm.latent_shape, device=device)  # stands in for the UNet's output
+    shape = (len(prompts), *ldm.latent_shape())  # (B, c, h, w)
+    both = torch.randn(2 * len(prompts), *shape[1:], device=device)  # stands in for the UNet's output
 
     def run():
         with torch.no_grad(), autocast(device):
-            ldm.text_encoder.encode(prompts)
-            ldm.text_encoder.encode([""] * len(prompts))
-            latents = torch.randn((len(prompts), *ldm.latent_shape), generator=generator).to(device)
+            ldm.conditioner.encode(prompts)
+            ldm.conditioner.encode([ldm.conditioner.null_condition] * len(prompts))
+            latents = randn_tensor(shape, generator, device) * scheduler.init_noise_sigma  # z_T, as generate() draws it
             for t in scheduler.timesteps:
                 out_uncond, out_cond = both.chunk(2)
                 model_output = out_uncond + GUIDANCE_SCALE * (out_cond - out_uncond)
@@ -143,8 +160,8 @@ def main(argv=None):
               f"({r['generate_s']:.3f} s a call), overhead over the bare UNet calls {100 * r['overhead']:+.1f}% "
               f"(the work around them alone: {100 * ratios['rest']:.1f}%)", flush=True)
     result = {"guidance_scale": GUIDANCE_SCALE, "device": str(device),
-              "unet_params": sum(p.numel() for p in ldm.unet.parameters()),
-              "latent_shape": list(ldm.latent_shape), "rows": rows, "machine": machine(), "git": git_commit()}
+              "unet_params": sum(p.numel() for p in ldm.backbone.parameters()),
+              "latent_shape": list(ldm.latent_shape()), "rows": rows, "machine": machine(), "git": git_commit()}
     worst = max(rows, key=lambda r: r["overhead"])
     print(f"largest overhead: {100 * worst['overhead']:+.1f}% ({worst['sampler'].upper()}-"
           f"{worst['num_inference_steps']}, batch {worst['batch_size']}; target < 5%)")

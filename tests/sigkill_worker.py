@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.train import train_autoencoder
+from minildm.train import TrainingConfig, train_autoencoder
 
 STEPS = 40
 
@@ -47,9 +47,10 @@ def train(checkpoint_dir: str | None, reference_path: str | None = None) -> None
     def record(step):
         digests[step] = digest(autoencoder)
 
-    train_autoencoder(autoencoder, images(), steps=STEPS, batch_size=2, device="cpu", progress=False,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=1, resume=True,
-                      callback=record if reference_path else None, callback_every=1)
+    config = TrainingConfig.for_autoencoder(steps=STEPS, batch_size=2, device="cpu", progress=False,
+                                            checkpoint_dir=checkpoint_dir, checkpoint_every=1, resume=True,
+                                            callback_every=1)
+    train_autoencoder(autoencoder, images(), config, callback=record if reference_path else None)
     if reference_path:
         with open(reference_path, "w") as f:
             json.dump(digests, f)

@@ -189,7 +189,7 @@ def test_model_saves_are_whole_folders(tmp_path, monkeypatch):
 
     first, second = make_tiny_ldm(seed=0), make_tiny_ldm(seed=1)
     first.save(tmp_path / "ldm")
-    first.autoencoder.save(tmp_path / "ae")
+    first.first_stage.save(tmp_path / "ae")
     renames = []
 
     def crash_on_second_rename(src, dst):
@@ -199,7 +199,7 @@ def test_model_saves_are_whole_folders(tmp_path, monkeypatch):
         os.replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "rename", crash_on_second_rename)
-    for save, folder in ((second.save, "ldm"), (second.autoencoder.save, "ae")):
+    for save, folder in ((second.save, "ldm"), (second.first_stage.save, "ae")):
         with pytest.raises(Crash):
             save(tmp_path / folder)
     monkeypatch.undo()
@@ -207,5 +207,5 @@ def test_model_saves_are_whole_folders(tmp_path, monkeypatch):
     loaded_ldm, loaded_ae = LatentDiffusion.load(tmp_path / "ldm"), AutoencoderKL.load(tmp_path / "ae")
     for (name, a), b in zip(first.state_dict().items(), loaded_ldm.state_dict().values()):
         assert torch.equal(a, b), name
-    for (name, a), b in zip(first.autoencoder.state_dict().items(), loaded_ae.state_dict().values()):
+    for (name, a), b in zip(first.first_stage.state_dict().items(), loaded_ae.state_dict().values()):
         assert torch.equal(a, b), name

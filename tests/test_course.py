@@ -20,10 +20,10 @@ def test_pixel_and_latent_models_share_the_unet_design(monkeypatch):
     captions = tiny_digits().captions
     pixel = course.mnist_model(None, captions)
     latent = course.mnist_model(course.mnist_autoencoder(4), captions)
-    assert pixel.latent_shape == (1, 32, 32)
-    assert latent.latent_shape == (4, 8, 8)
-    assert pixel.unet.config.block_out_channels == latent.unet.config.block_out_channels
-    assert course.mnist_model(course.mnist_autoencoder(8), captions).latent_shape == (4, 4, 4)
+    assert pixel.latent_shape() == (1, 32, 32)
+    assert latent.latent_shape() == (4, 8, 8)
+    assert pixel.backbone.config.block_out_channels == latent.backbone.config.block_out_channels
+    assert course.mnist_model(course.mnist_autoencoder(8), captions).latent_shape() == (4, 4, 4)
 
 
 def test_autoencoder_is_trained_once_then_reused(monkeypatch, tmp_path):

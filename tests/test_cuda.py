@@ -10,7 +10,7 @@ from test_train import tiny_images
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 from minildm.discriminator import PatchDiscriminator
 from minildm.ldm import LatentDiffusion
-from minildm.train import train_autoencoder, train_ldm
+from minildm.train import TrainingConfig, train_autoencoder, train_ldm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,16 +30,16 @@ def test_forward_on_cuda_matches_the_cpu():
     ldm = make_tiny_ldm()
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
-    latents = torch.randn(4, *ldm.latent_shape, generator=g)
+    latents = torch.randn(4, *ldm.latent_shape(), generator=g)
     t = torch.tensor([0, 10, 500, 999])
     with torch.no_grad():
-        states = ldm.text_encoder.encode(CAPTIONS[:2] * 2)  # (4, L, D)
-        cpu = (ldm.autoencoder.encode(images).mean, ldm.autoencoder.decode(latents), ldm.unet(latents, t, states))
+        states = ldm.conditioner.encode(CAPTIONS[:2] * 2)  # (4, L, D)
+        cpu = (ldm.first_stage.encode(images).mean, ldm.first_stage.decode(latents), ldm.backbone(latents, t, states))
         ldm.to(CUDA)
-        states = ldm.text_encoder.encode(CAPTIONS[:2] * 2)
+        states = ldm.conditioner.encode(CAPTIONS[:2] * 2)
         assert states.device.type == "cuda"
-        gpu = (ldm.autoencoder.encode(images.to(CUDA)).mean, ldm.autoencoder.decode(latents.to(CUDA)),
-               ldm.unet(latents.to(CUDA), t.to(CUDA), states))
+        gpu = (ldm.first_stage.encode(images.to(CUDA)).mean, ldm.first_stage.decode(latents.to(CUDA)),
+               ldm.backbone(latents.to(CUDA), t.to(CUDA), states))
     for name, a, b in zip(("encoder", "decoder", "unet"), cpu, gpu):
         assert b.device.type == "cuda" and b.dtype == torch.float32
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4, msg=f"{name} differs between CPU and CUDA")
@@ -48,13 +48,13 @@ def test_forward_on_cuda_matches_the_cpu():
 def test_bf16_autocast_forward_is_close_to_fp32():
     ldm = make_tiny_ldm().to(CUDA)
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(8, *ldm.latent_shape, generator=g).to(CUDA)
+    latents = torch.randn(8, *ldm.latent_shape(), generator=g).to(CUDA)
     t = torch.randint(0, 1000, (8,), generator=g).to(CUDA)
     with torch.no_grad():
-        states = ldm.text_encoder.encode(CAPTIONS[:2] * 4)
-        full = ldm.unet(latents, t, states)
+        states = ldm.conditioner.encode(CAPTIONS[:2] * 4)
+        full = ldm.backbone(latents, t, states)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            half = ldm.unet(latents, t, states)
+            half = ldm.backbone(latents, t, states)
     assert half.dtype == torch.bfloat16  # autocast ran the network in bf16
     relative = (half.float() - full).norm() / full.norm()
     assert relative < 0.05, f"bf16 output is {relative:.3f} away from fp32 (relative L2)"
@@ -64,12 +64,12 @@ def test_train_ldm_on_cuda_in_bf16_lowers_the_loss_and_keeps_fp32_weights():
     ldm = make_tiny_ldm()
     images = tiny_images(64)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(64)]
-    before = {k: v.clone() for k, v in ldm.unet.state_dict().items()}
-    history = train_ldm(ldm, images, captions, steps=150, batch_size=32, lr=3e-3, ema_decay=0.0, device="cuda",
-                        progress=False)
+    before = {k: v.clone() for k, v in ldm.backbone.state_dict().items()}
+    history = train_ldm(ldm, images, captions, TrainingConfig(steps=150, batch_size=32, lr=3e-3, ema_decay=0.0,
+                                                              device="cuda", progress=False))
     assert len(history["loss"]) == 150 and history["skipped_steps"] == []
     assert sum(history["loss"][-20:]) < 0.8 * sum(history["loss"][:20])
-    state = ldm.unet.state_dict()
+    state = ldm.backbone.state_dict()
     assert all(v.device.type == "cuda" and v.dtype == before[k].dtype for k, v in state.items())
     assert any(not torch.equal(v.cpu(), before[k]) for k, v in state.items())
 
@@ -78,8 +78,8 @@ def test_train_autoencoder_with_a_discriminator_on_cuda():
     torch.manual_seed(0)
     ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
     disc = PatchDiscriminator(width=8)
-    history = train_autoencoder(ae, tiny_images(), steps=60, batch_size=8, lr=3e-3, device="cuda",
-                                discriminator=disc, discriminator_start=20, progress=False)
+    config = TrainingConfig.for_autoencoder(steps=60, batch_size=8, lr=3e-3, device="cuda", progress=False)
+    history = train_autoencoder(ae, tiny_images(), config, discriminator=disc, discriminator_start=20)
     assert len(history["loss"]) == 60
     assert sum(history["reconstruction"][-10:]) < 0.7 * sum(history["reconstruction"][:10])
     assert 0 < ae.scaling_factor < 100
@@ -89,17 +89,22 @@ def test_train_autoencoder_with_a_discriminator_on_cuda():
 def test_generate_on_cuda_is_seeded_and_agrees_with_the_cpu():
     ldm = make_tiny_ldm()
     prompts = CAPTIONS[:2]
-    cpu = ldm.generate(prompts, 10, "ddim", 3.0, generator=torch.Generator().manual_seed(0))
+    cpu = ldm.generate(prompts, 10, sampler=ldm.make_sampler("ddim"), guidance_scale=3.0,
+                       generator=torch.Generator().manual_seed(0))
     ldm.to(CUDA)
-    first = ldm.generate(prompts, 10, "ddim", 3.0, generator=torch.Generator().manual_seed(0))
-    again = ldm.generate(prompts, 10, "ddim", 3.0, generator=torch.Generator().manual_seed(0))
+    first = ldm.generate(prompts, 10, sampler=ldm.make_sampler("ddim"), guidance_scale=3.0,
+                         generator=torch.Generator().manual_seed(0))
+    again = ldm.generate(prompts, 10, sampler=ldm.make_sampler("ddim"), guidance_scale=3.0,
+                         generator=torch.Generator().manual_seed(0))
     assert first.device.type == "cuda" and first.shape == (2, 3, 16, 16)
     assert 0 <= first.min() and first.max() <= 1
     torch.testing.assert_close(again, first, rtol=0, atol=1e-5)  # same seed, same images (to the last bits)
     torch.testing.assert_close(first.cpu(), cpu, rtol=0, atol=1e-3)  # the CPU's images, to float rounding
     # DDPM draws fresh noise every step from the same CPU generator: seeded on CUDA too
-    a = ldm.generate(prompts, 20, "ddpm", 3.0, generator=torch.Generator().manual_seed(5))
-    b = ldm.generate(prompts, 20, "ddpm", 3.0, generator=torch.Generator().manual_seed(5))
+    a = ldm.generate(prompts, 20, sampler=ldm.make_sampler("ddpm"), guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(5))
+    b = ldm.generate(prompts, 20, sampler=ldm.make_sampler("ddpm"), guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
@@ -121,7 +126,7 @@ def test_resume_on_cuda_continues_the_run(tmp_path):
     images = tiny_images(32)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(32)]
     straight = make_tiny_ldm()
-    train_ldm(straight, images, captions, steps=20, batch_size=8, device="cuda", progress=False)
+    train_ldm(straight, images, captions, TrainingConfig(steps=20, batch_size=8, device="cuda", progress=False))
 
     class Crash(Exception):
         pass
@@ -130,11 +135,12 @@ def test_resume_on_cuda_continues_the_run(tmp_path):
         raise Crash(step)
 
     with pytest.raises(Crash):  # dies right after the step-10 checkpoint
-        train_ldm(make_tiny_ldm(), images, captions, steps=20, batch_size=8, device="cuda", progress=False,
-                  checkpoint_dir=tmp_path / "run", checkpoint_every=10, callback=crash, callback_every=10)
+        train_ldm(make_tiny_ldm(), images, captions, TrainingConfig(
+            steps=20, batch_size=8, device="cuda", progress=False, checkpoint_dir=tmp_path / "run",
+            checkpoint_every=10, callback_every=10), callback=crash)
     resumed = make_tiny_ldm()
-    history = train_ldm(resumed, images, captions, steps=20, batch_size=8, device="cuda", progress=False,
-                        checkpoint_dir=tmp_path / "run", resume=True)
+    history = train_ldm(resumed, images, captions, TrainingConfig(
+        steps=20, batch_size=8, device="cuda", progress=False, checkpoint_dir=tmp_path / "run", resume=True))
     assert history["steps"] == [20] and len(history["loss"]) == 20
-    for (name, a), (_, b) in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.backbone.state_dict().items(), resumed.backbone.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=f"{name} after resume")

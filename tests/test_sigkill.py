@@ -20,7 +20,7 @@ import sigkill_worker
 import torch
 
 from minildm.atomic import readable_directory
-from minildm.training_state import load_training_state
+from minildm.training_state import TrainingState, load_training_state
 
 KILLS = 25
 
@@ -53,7 +53,8 @@ def load_checkpoint(directory):
     """Load the checkpoint into fresh objects, as a resuming process would; return its step and weights."""
     autoencoder = sigkill_worker.tiny_autoencoder()
     optimizer = torch.optim.AdamW(autoencoder.parameters())
-    step, history = load_training_state(directory, {"autoencoder": autoencoder}, optimizer, None, torch.Generator())
+    step, history = load_training_state(directory, TrainingState({"autoencoder": autoencoder}, optimizer,
+                                                                 torch.Generator()))
     # Every file is from the same save: the optimizer's step counts and the logged losses agree with trainer.json.
     assert all(state["step"].item() == step for state in optimizer.state.values())
     assert len(history["loss"]) == step
