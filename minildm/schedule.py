@@ -53,6 +53,13 @@ def check_samples(first: torch.Tensor, first_name: str, second: torch.Tensor, se
                          f"move one of them")
 
 
+def _is_plain_timestep(timesteps, num_train_timesteps: int) -> bool:
+    """True for a python int (not a bool) in 0 .. T-1: the one timestep of a sampler's step, which needs no
+    tensor made and checked. A speed shortcut: it took a third of a DDIM step at batch 1
+    (benchmarks/sampling.py); everything else goes through _check_timesteps."""
+    return type(timesteps) is int and 0 <= timesteps < num_train_timesteps
+
+
 class NoiseSchedule:
     """The betas of the forward process and everything derived from them.
 
@@ -115,6 +122,17 @@ class NoiseSchedule:
         self.alphas = 1.0 - betas  # (T,) α_t
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) ᾱ_t
 
+    def config_dict(self) -> dict:
+        """The arguments that rebuild this schedule: NoiseSchedule(**schedule.config_dict())."""
+        return {"beta_schedule": self.beta_schedule, "num_train_timesteps": self.num_train_timesteps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    def __eq__(self, other) -> bool:
+        """Two schedules are equal when they give the same ᾱ_t: a sampler must use its model's."""
+        if not isinstance(other, NoiseSchedule):
+            return NotImplemented
+        return torch.equal(self.alphas_cumprod, other.alphas_cumprod)
+
     def __repr__(self) -> str:
         T = self.num_train_timesteps
         # cosine ignores beta_start and beta_end, so showing them would mislead
@@ -160,8 +178,8 @@ class NoiseSchedule:
         device as it is, with no tensor to make and, on a GPU, no copy that would make the host wait at
         every sampler step.
         """
-        if type(timesteps) is int and 0 <= timesteps < self.num_train_timesteps:  # not a bool, in range
-            return values[timesteps].item()  # a sampler's step, without making a tensor to check
+        if _is_plain_timestep(timesteps, self.num_train_timesteps):
+            return values[timesteps].item()  # a sampler's step: no tensor made and checked (a speed shortcut)
         t = self._check_timesteps(timesteps)
         if t.ndim == 0:
             return values[int(t)].item()

@@ -1,4 +1,4 @@
-"""Tests for minildm/samplers.py: timesteps, DDIM eqs. (12) and (16), DDPM eq. (7), errors."""
+"""Tests for minildm/samplers/: timesteps, DDIM eqs. (12) and (16), DDPM eq. (7), diffusers' loops, errors."""
 
 import math
 
@@ -248,13 +248,47 @@ def test_clip_sample_clamps_x0_and_dtype_follows_input():
 # ----------------------------------------------------------------------------- errors
 
 
+def test_ddpm_steps_through_the_training_chain_before_set_timesteps():
+    # diffusers' DDPMScheduler does, so a loop written for it runs unchanged: 1000 steps, 999 .. 0.
+    schedule = NoiseSchedule()
+    fresh = DDPMSampler(schedule)
+    assert fresh.timesteps.tolist() == list(range(T - 1, -1, -1)) and fresh.num_inference_steps == T
+    explicit = DDPMSampler(schedule)
+    explicit.set_timesteps(T)
+    x, eps = make_x0_eps()
+    a, b = x, x
+    for t in fresh.timesteps[:3]:
+        a = fresh.step(eps, t, a, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        b = explicit.step(eps, t, b, generator=torch.Generator().manual_seed(int(t))).prev_sample
+    assert torch.equal(a, b)
+
+
+def test_a_diffusers_ddpm_loop_runs_unchanged_and_agrees():
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                     clip_sample=False)
+    ours = DDPMSampler(NoiseSchedule())
+
+    def denoise(scheduler):  # a loop as diffusers' docs write it, no set_timesteps
+        x0, _ = make_x0_eps(seed=3)
+        sample = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+        generator = torch.Generator().manual_seed(5)
+        for t in scheduler.timesteps[:50]:
+            noise_pred = (sample - ALPHAS_CUMPROD[int(t)] ** 0.5 * x0) / (1 - ALPHAS_CUMPROD[int(t)]) ** 0.5
+            sample = scheduler.step(noise_pred.float(), t, sample, generator=generator).prev_sample
+        return sample
+
+    torch.testing.assert_close(denoise(ours), denoise(theirs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("sampler_class", [DDIMSampler, DDPMSampler])
 def test_errors_name_the_argument(sampler_class):
     schedule = NoiseSchedule()
     sampler = sampler_class(schedule)
     x = torch.zeros(1, 4)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        sampler.step(x, 1, x)
+    if sampler_class is DDIMSampler:  # DDPM has its full chain before set_timesteps
+        with pytest.raises(ValueError, match="set_timesteps"):
+            sampler.step(x, 1, x)
     for bad in (0, T + 1):
         with pytest.raises(ValueError, match=f"num_inference_steps must be between 1 and 1000, got {bad}"):
             sampler.set_timesteps(bad)
