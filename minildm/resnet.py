@@ -57,12 +57,19 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double H and W: nearest-neighbour upsampling then a 3x3 convolution (no checkerboard artefacts)."""
+    """Double H and W: nearest-neighbour upsampling then a 3x3 convolution (no checkerboard artefacts).
+
+    `output_size` (H', W') upsamples to that size instead: the UNet passes its skip connection's size, so
+    an odd size that a stride-2 convolution rounded up (7 -> 4) comes back as it was (4 -> 7, not 8).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=output_size, mode="nearest")  # (B, C, H, W) -> (B, C, H', W')
         return self.conv(x)

@@ -17,7 +17,7 @@ Depends on attention.py and resnet.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,31 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return embedding
 
 
+def timestep_per_sample(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """`timestep` as one value per sample, (B,), on `sample`'s device.
+
+    Takes a number (int or float), a one-element tensor (one t for the whole batch), or a (B,) or (B, 1)
+    tensor; raises TypeError for anything else and ValueError for a wrong shape. A number, or a CPU
+    scalar given to a model on a GPU, is filled in on the device rather than copied there: a copy would
+    make the host wait for the GPU once per sampling step.
+    """
+    B = sample.shape[0]
+    if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)) or (
+            torch.is_tensor(timestep) and (timestep.is_complex() or timestep.dtype == torch.bool)):
+        raise TypeError(f"timestep must be a number or a real tensor, got {timestep!r:.60}")
+    on_cpu_for_a_gpu = torch.is_tensor(timestep) and timestep.device.type == "cpu" and sample.device.type != "cpu"
+    if on_cpu_for_a_gpu and timestep.numel() == 1 and timestep.ndim <= 2:
+        timestep = timestep.item()  # reading a CPU tensor costs nothing
+    if not torch.is_tensor(timestep):
+        if isinstance(timestep, int) and not -(2**63) <= timestep < 2**63:
+            raise ValueError(f"timestep must fit in 64 bits, got {timestep}")
+        return torch.full((B,), timestep, device=sample.device)  # a single t applies to the whole batch
+    if timestep.ndim > 2 or timestep.numel() not in (1, B) or (timestep.ndim == 2 and timestep.shape[1] != 1):
+        raise ValueError(f"timestep must be a single value, shape (B,) or (B, 1) with B={B}, "
+                         f"got shape {tuple(timestep.shape)}")
+    return timestep.to(sample.device).reshape(-1).expand(B)  # (), (1,), (B,) or (B, 1) -> (B,)
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, time_embed_dim: int):
         super().__init__()
@@ -164,7 +189,9 @@ class UpBlock(nn.Module):
             if len(self.attentions) > 0:
                 x = self.attentions[i](x, encoder_hidden_states)
         for upsampler in self.upsamplers:
-            x = upsampler(x)  # (B, C, H, W) -> (B, C, 2H, 2W)
+            # To the size of the skip the next level concatenates: 2H, or 2H - 1 where the down path
+            # halved an odd size (diffusers' UNet does the same, so any latent size works).
+            x = upsampler(x, output_size=skips[-1].shape[2:])  # (B, C, H, W) -> (B, C, ~2H, ~2W)
         return x
 
 
@@ -185,6 +212,10 @@ class MidBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
+    """ε_θ(z_t, t, τ_θ(y)): sample (B, in_channels, h, w), timestep (B,) or one number, encoder_hidden_states
+    (B, L, cross_attention_dim) -> (B, out_channels, h, w). Any h and w: where the down path halves an odd
+    size, the up path returns to it. Fills the backbone slot (interfaces.Backbone)."""
+
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = c = config if config is not None else UNetConfig()
@@ -223,18 +254,7 @@ class UNet2DConditionModel(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         self._check_inputs(sample, encoder_hidden_states)
-        B = sample.shape[0]
-        if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)) or (
-                torch.is_tensor(timestep) and (timestep.is_complex() or timestep.dtype == torch.bool)):
-            raise TypeError(f"timestep must be a number or a real tensor, got {timestep!r:.60}")
-        if not torch.is_tensor(timestep):
-            if isinstance(timestep, int) and not -(2**63) <= timestep < 2**63:
-                raise ValueError(f"timestep must fit in 64 bits, got {timestep}")
-            timestep = torch.tensor([timestep], device=sample.device)
-        if timestep.ndim > 2 or timestep.numel() not in (1, B) or (timestep.ndim == 2 and timestep.shape[1] != 1):
-            raise ValueError(f"timestep must be a single value, shape (B,) or (B, 1) with B={B}, "
-                             f"got shape {tuple(timestep.shape)}")
-        timestep = timestep.to(sample.device).reshape(-1).expand(B)  # a single t applies to the whole batch
+        timestep = timestep_per_sample(timestep, sample)  # (B,)
         t_emb = timestep_embedding(timestep, c.block_out_channels[0]).to(sample.dtype)  # (B, C0)
         temb = self.time_embedding(t_emb)  # (B, 4 C0)
 
@@ -258,10 +278,6 @@ class UNet2DConditionModel(nn.Module):
         if sample.ndim != 4 or sample.shape[1] != c.in_channels or 0 in sample.shape:
             raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W) with B, H, W >= 1, "
                              f"got {tuple(sample.shape)}")
-        factor = 2 ** (len(c.block_out_channels) - 1)
-        if sample.shape[2] % factor or sample.shape[3] % factor:
-            raise ValueError(f"sample height and width must be multiples of {factor} (one halving per level), "
-                             f"got {tuple(sample.shape[2:])}")
         if c.cross_attention_dim is None and encoder_hidden_states is not None:
             raise ValueError("this UNet is unconditional (cross_attention_dim=None) but got encoder_hidden_states")
         if c.cross_attention_dim is not None:
@@ -272,6 +288,25 @@ class UNet2DConditionModel(nn.Module):
                     or encoder_hidden_states.shape[0] != sample.shape[0] or encoder_hidden_states.shape[1] == 0:
                 raise ValueError(f"encoder_hidden_states must have shape ({sample.shape[0]}, L, "
                                  f"{c.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def cross_attention_dim(self) -> int | None:
+        return self.config.cross_attention_dim
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> UNet2DConditionModel:
+        return cls(UNetConfig(**config))
 
     def cross_attention_modules(self) -> dict[str, Attention]:
         """Every cross-attention layer by its module name, for attention maps."""

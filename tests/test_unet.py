@@ -283,8 +283,6 @@ def test_attention_probs_can_be_stored_through_the_unet():
     [
         (randn(2, 3, 8, 8), text_states(), "shape"),  # wrong channels
         (randn(4, 8, 8), text_states(), "shape"),  # no batch dimension
-        (randn(2, 4, 6, 8), text_states(), "multiples of 4"),  # 3 levels halve twice
-        (randn(2, 4, 8, 10), text_states(), "multiples of 4"),
         (randn(2, 4, 8, 8), None, "encoder_hidden_states"),  # conditional UNet needs text
         (randn(2, 4, 8, 8), text_states(D=16), "encoder_hidden_states"),  # wrong width
         (randn(2, 4, 8, 8), text_states(B=3), "encoder_hidden_states"),  # wrong batch
@@ -295,6 +293,35 @@ def test_unet_input_errors(sample, ehs, match):
     unet = make_unet(block_out_channels=(16, 16, 16), attention_levels=(False, False, True), cross_attention_dim=12)
     with pytest.raises(ValueError, match=match):
         unet(sample, 1, ehs)
+
+
+@pytest.mark.parametrize("h, w", [(7, 7), (5, 9), (6, 10), (1, 3), (8, 8)])
+def test_any_latent_size_matches_diffusers(h, w):
+    # diffusers' UNet takes sizes its downsampling does not divide: each upsampler goes to the size of the skip
+    # it meets (7 -> 4 -> 2 -> 4 -> 7). The right value is diffusers' output with the same weights.
+    diffusers = pytest.importorskip("diffusers")
+    from benchmarks.vs_diffusers import diffusers_unet_kwargs
+
+    ours = make_unet(block_out_channels=(16, 16, 32), attention_levels=(False, True, True), cross_attention_dim=12,
+                     layers_per_block=2)
+    theirs = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(ours.config, 8)).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x, t = randn(2, 4, h, w), torch.tensor([3, 700])
+    with torch.no_grad():
+        out = ours(x, t, text_states())
+        assert out.shape == (2, 4, h, w)
+        torch.testing.assert_close(out, theirs(x, t, text_states()).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_odd_sizes_come_back_through_every_level():
+    # Without diffusers: 7x5 goes down to 4x3 and 2x2 and comes back as 7x5; the output still depends on every
+    # input position (a shape bug that cropped or padded would lose a border).
+    unet = make_unet(block_out_channels=(16, 16, 16), attention_levels=(False, False, True), cross_attention_dim=12)
+    x = randn(2, 4, 7, 5).requires_grad_(True)
+    out = unet(x, 10, text_states())
+    assert out.shape == (2, 4, 7, 5)
+    out[:, :, -1, -1].sum().backward()
+    assert x.grad[:, :, 0, 0].abs().sum() > 0 and x.grad[:, :, -1, -1].abs().sum() > 0
 
 
 def test_unconditional_unet_refuses_text():
