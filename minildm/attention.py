@@ -1,6 +1,7 @@
 """Self- and cross-attention, the transformer block, and the spatial transformer.
 
-The LDM paper conditions the UNet on text through cross-attention (Rombach et al. 2022, eq. 3):
+The LDM paper conditions the UNet on text through cross-attention (Rombach et al. 2022, section 3.3; the
+formula has no number there):
 
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,
     Q = W_Q φ(z_t),  K = W_K τ_θ(y),  V = W_V τ_θ(y)

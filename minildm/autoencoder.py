@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import nn
 
 from .attention import Attention
 from .checkpoint import load_module, save_module
-from .checks import check_like_weights
+from .checks import check_images, check_like_weights
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -206,29 +206,44 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
 
+    # The first-stage slot (interfaces.FirstStage): what LatentDiffusion asks of any first stage.
     @property
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
-    def _check_input(self, value, name: str, what: str, channels: int) -> None:
-        check_like_weights(value, name, self.quant_conv.weight, what)
-        if value.ndim != 4 or value.shape[1] != channels or 0 in value.shape:
-            raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W) with B, H, W >= 1, "
-                             f"got {tuple(value.shape)}")
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.downsampling_factor
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> AutoencoderKL:
+        return cls(AutoencoderConfig(**config))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """x (B, C, H, W) in [-1, 1] -> q(z | x) over latents (B, c, H/f, W/f). Latents are *not* scaled here."""
+        """x (B, C, H, W) in [-1, 1] -> q(z | x) over latents (B, c, H/f, W/f). Latents are *not* scaled here.
+
+        Raises TypeError for a non-tensor or a dtype unlike the weights', ValueError for a wrong shape,
+        H or W not a multiple of f, or another device."""
         c = self.config
-        f = c.downsampling_factor
-        self._check_input(x, "x", "images", c.in_channels)
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"x (images): height and width must be multiples of the downsampling factor f={f}, "
-                             f"got {tuple(x.shape[2:])}")
+        check_images(x, "x", c.in_channels, c.downsampling_factor)
+        check_like_weights(x, "x", self.quant_conv.weight, "images")
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, c, h, w) -> images (B, C, h*f, w*f), roughly in [-1, 1] (not clamped)."""
-        self._check_input(z, "z", "latents", self.config.latent_channels)
+        check_images(z, "z", self.config.latent_channels, what="latents")
+        check_like_weights(z, "z", self.quant_conv.weight, "latents")
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None):
@@ -236,12 +251,21 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
 
-    def training_loss(self, x: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None):
+    def training_loss(self, x: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None,
+                      noise: torch.Tensor | None = None):
         """L1 + L2 reconstruction + kl_weight * KL, each averaged per element (C*H*W) so kl_weight does not
         depend on the image size (the ratio CompVis uses); returns (loss, reconstruction, parts dict) with
-        parts "reconstruction" (the L1 term alone, comparable across runs) and "kl"."""
+        parts "reconstruction" (the L1 term alone, comparable across runs) and "kl".
+
+        x (B, C, H, W) in [-1, 1]. z = μ + σ ε with ε = `noise` (B, c, H/f, W/f) when given, else drawn
+        from `generator`."""
         posterior = self.encode(x)
-        reconstruction = self.decode(posterior.sample(generator))
+        if noise is not None:
+            check_images(noise, "noise", self.config.latent_channels, what="latents")
+            z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # the reparameterisation trick
+        else:
+            z = posterior.sample(generator)
+        reconstruction = self.decode(z)
         error = x - reconstruction
         l1 = error.abs().mean()  # |x - D(z)|_1 per element
         rec_loss = l1 + error.pow(2).mean()  # + |x - D(z)|² per element

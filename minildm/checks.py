@@ -1,11 +1,20 @@
-"""The check every model runs on the tensors it is given: the dtype and device of its own weights.
+"""The checks models and pipelines run on the tensors they are given: one function per kind of argument,
+so that one mistake gets one error type everywhere (TypeError for the wrong type or dtype, ValueError for
+the wrong shape, range or device).
+
+check_like_weights: the dtype and device of the model's own weights.
 
 Under autocast (torch.autocast, e.g. bf16 on a GPU) layers return activations in the autocast dtype, so a
 model's input may fairly arrive in that dtype too (the autoencoder's latents, fed to its decoder or to the
 UNet): inside an autocast region both dtypes are accepted.
+
+check_images: a batch of images or latents (B, C, H, W).
+explain_missing_kernels: torch's error for an op a device lacks in bf16 / fp16, said plainly.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -24,3 +33,32 @@ def check_like_weights(value, name: str, weight: torch.Tensor, what: str = "") -
                         f"{' (inside autocast)' if len(allowed) > 1 else ''}, got {got}")
     if value.device != weight.device:
         raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+
+
+def check_images(value, name: str, channels: int, multiple_of: int = 1, what: str = "images") -> None:
+    """Raise TypeError unless `value` is a floating-point tensor, and ValueError unless it is a batch
+    (B, channels, H, W) with B, H, W >= 1 and H, W multiples of `multiple_of` (a first stage's factor f).
+    `what` names what the batch holds ("images", "latents") in the message."""
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        got = f"a {value.dtype} tensor" if torch.is_tensor(value) else type(value).__name__
+        raise TypeError(f"{name} must be a floating-point tensor of {what} (B, {channels}, H, W), got {got}")
+    if value.ndim != 4 or value.shape[1] != channels or 0 in value.shape:
+        raise ValueError(f"{name} must be {what} of shape (B, {channels}, H, W) with B, H, W >= 1, "
+                         f"got {tuple(value.shape)}")
+    if value.shape[2] % multiple_of or value.shape[3] % multiple_of:
+        raise ValueError(f"{name}: height and width must be multiples of the downsampling factor f={multiple_of}, "
+                         f"got {tuple(value.shape[2:])}")
+
+
+@contextmanager
+def explain_missing_kernels(device: torch.device, dtype: torch.dtype):
+    """Re-raise torch's '"op" not implemented for 'Half'' as an error that says what it means and what to do:
+    not every device has every op in bf16 / fp16 (older CPUs and MPS lack some)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "not implemented for" not in str(e):
+            raise
+        raise NotImplementedError(f"torch has no {dtype} kernel on {device} for an operation this model uses ({e}); "
+                                  f"run it in float32 there (model.float()), or in {dtype} on a device that has the "
+                                  f"operation") from e

@@ -10,7 +10,7 @@ Inception-v3; `fid` says why. `dataset_classifier` trains that classifier once a
 
     image (B, 1, 32, 32) -> SmallClassifier convolutions -> (B, 2w, 8, 8) -> flatten -> linear -> features (B, F)
 
-Depends on classifier.py, checkpoint.py and data.py.
+Depends on classifier.py, atomic.py, data.py and mnist.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_json
+from .checks import check_images
 from .classifier import ClassifierConfig, SmallClassifier, train_classifier
 from .data import cache_root
 from .mnist import FASHION_MNIST_CLASS_NAMES, MNIST_CLASS_NAMES, load_fashion_mnist, load_mnist
@@ -124,13 +125,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def _check_images(images, classifier: SmallClassifier, what: str, min_count: int = 1) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{what} must be a float tensor (N, C, H, W) in [-1, 1], got a {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(f"{what} must be a float tensor in [-1, 1], got {images.dtype}; use x / 127.5 - 1 for uint8")
-    channels = classifier.config.in_channels
-    if images.ndim != 4 or images.shape[1] != channels:
-        raise ValueError(f"{what} must have shape (N, {channels}, H, W), got {tuple(images.shape)}")
+    check_images(images, what, classifier.config.in_channels)  # a float tensor (N, C, H, W), in [-1, 1]
     if len(images) < min_count:
         raise ValueError(f"{what} must hold at least {min_count} images, got {len(images)}")
     low, high = images.min().item(), images.max().item()

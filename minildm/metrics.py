@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write_json, read_json
+from .checks import check_images
 from .classifier import ClassifierConfig, SmallClassifier, train_classifier
 from .shapes import COLORS, POSITION_ANCHORS, SHAPES, ShapeAttributes, ShapesDataset
 
@@ -88,16 +89,10 @@ class ShapesChecker:
     # Reading
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"expected a torch.Tensor of images (B, 3, H, W), got {type(images).__name__}")
-        expected = (3, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"expected images of shape (B, {', '.join(map(str, expected))}) for this checker "
-                f"(trained at {self.image_size} px), got {tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images in [0, 1], got dtype {images.dtype}")
+        check_images(images, "images", 3)  # a float tensor (B, 3, H, W), in [0, 1]
+        if tuple(images.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"expected images of shape (B, 3, {self.image_size}, {self.image_size}) for this checker "
+                             f"(trained at {self.image_size} px), got {tuple(images.shape)}")
         images = images.detach().float().cpu()
         if len(images) == 0:
             return images

@@ -54,7 +54,7 @@ def _check_images(images, name: str, ranks: tuple[int, ...], expected: str) -> t
             f"{images.shape[-3]} channels in shape {tuple(images.shape)} (for latents use show_latents)"
         )
     if not images.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+        raise TypeError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
     return images.detach()
 
 

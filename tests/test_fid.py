@@ -118,11 +118,11 @@ def test_fid_input_errors(tiny_classifier):
         fid(images, torch.rand(10, 1, 8, 8), tiny_classifier)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         fid(images * 255, images, tiny_classifier)
-    with pytest.raises(TypeError, match="float tensor"):
+    with pytest.raises(TypeError, match="floating-point tensor"):
         fid(images.to(torch.uint8), images, tiny_classifier)
     with pytest.raises(ValueError, match="at least 2"):
         fid(images[:1], images, tiny_classifier)
-    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         fid(images.expand(10, 3, 32, 32), images, tiny_classifier)
 
 

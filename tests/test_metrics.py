@@ -80,13 +80,13 @@ def test_reads_a_single_rendered_image(checker):
 def test_rejects_wrong_inputs(checker):
     with pytest.raises(ValueError, match=r"must be mapped with \(x \+ 1\) / 2"):
         checker.read(torch.rand(2, 3, 32, 32) * 2 - 1)
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\).*got \(3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"images must be images of shape \(B, 3, H, W\).*got \(3, 32, 32\)"):
         checker.read(torch.rand(3, 32, 32))
     with pytest.raises(ValueError, match=r"got \(2, 1, 32, 32\)"):
         checker.read(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"trained at 32 px\), got \(2, 3, 64, 64\)"):
         checker.read(torch.rand(2, 3, 64, 64))
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(TypeError, match="floating-point"):  # the same error type for a wrong dtype everywhere
         checker.read(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="NaN"):
         checker.read(torch.full((1, 3, 32, 32), float("nan")))
