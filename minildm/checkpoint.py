@@ -5,7 +5,8 @@ arbitrary code, so it is refused with a message that says how to convert it on a
 
 A model is one folder: `save_module` writes its weights (`name`.safetensors) and its config (`name`.json)
 as one atomic folder, and `load_module` builds the module again, checking every tensor's name, shape and
-dtype against the config before loading. The crash-safe writing itself is atomic.py's.
+dtype against the config before loading; the module takes the dtype it was saved in. The crash-safe
+writing itself is atomic.py's.
 
 Depends on safetensors and atomic.py.
 """
@@ -104,8 +105,21 @@ def load_module(module_class, config_class, directory: str | os.PathLike, name: 
     return module.eval()
 
 
-def load_module_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load safetensors weights into `module` after checking every name, shape and dtype."""
+def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Load safetensors weights into `module` after checking every name, shape and dtype.
+
+    The module takes the floating-point dtype the file holds (a bf16 save loads back as bf16); `dtype`, when
+    given (from a config), is the one the file must hold. Raises ValueError for any mismatch, or a file that
+    mixes floating-point dtypes.
+    """
     state = load_weights(path)
+    stored = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(stored) > 1:
+        raise ValueError(f"{path} mixes floating-point dtypes {sorted(str(d) for d in stored)}; a module is saved "
+                         f"in one dtype")
+    if stored and dtype is not None and stored != {dtype}:
+        raise ValueError(f"{path} holds {stored.pop()} weights but its config says {dtype}")
+    if stored:
+        module.to(stored.pop())
     check_state_dict(module.state_dict(), state, str(path))
     module.load_state_dict(state)

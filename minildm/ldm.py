@@ -1,25 +1,27 @@
-"""LatentDiffusion: the autoencoder, the text encoder, the UNet and the noise schedule, tied together.
+"""LatentDiffusion: a first stage, a conditioner, a backbone and a noise schedule, tied together.
 
-Training (Rombach et al. 2022, eq. 2, conditional form eq. 3):
+Training (Rombach et al. 2022, eq. 2; with a condition y, eq. 3):
 
     L_LDM = E_{E(x), y, ε ~ N(0, I), t} [ || ε - ε_θ(z_t, t, τ_θ(y)) ||² ],
     z_0 = scaling_factor · E(x),   z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
 
-with the autoencoder frozen. A caption is replaced by "" with probability `caption_dropout`, so the
-same network also learns the unconditional prediction ε_θ(z_t, t, τ_θ("")).
+with the first stage frozen. A caption is replaced by the null condition "" with probability
+`caption_dropout`, so the same network also learns the unconditional prediction ε_θ(z_t, t, τ_θ("")).
+The network may predict ε, x_0 ("sample") or v (schedule.py); the loss compares it with that target.
 
-Sampling with classifier-free guidance (Ho & Salimans 2022, eq. 6, in the ε form used by SD):
+Sampling with classifier-free guidance (Ho & Salimans 2022, eq. 6, which they write with w = s - 1):
 
     ε̂ = ε_θ(z_t, t, τ("")) + s · (ε_θ(z_t, t, τ(y)) - ε_θ(z_t, t, τ("")))
 
-s = 1 is the plain conditional model; s > 1 trades diversity for prompt adherence.
+s = 1 is the plain conditional model; s > 1 trades diversity for prompt adherence. Guidance works on
+whatever the network predicts (ε, x_0 or v): each is an affine function of the others given z_t.
 
-With `autoencoder=None` the same model diffuses pixels directly (z_0 = x, the paper's LDM-1, f = 1):
-the baseline that shows what the latent space buys. The loop is
-`generate()`: start from z_T ~ N(0, I), call the sampler's `step` once per timestep, decode
-D(z_0 / scaling_factor). It is short on purpose: copy it and change it.
+The four slots (interfaces.py): first stage (AutoencoderKL, or PixelSpace: diffusion on pixels, the
+paper's LDM-1), conditioner (TextEncoder), backbone (UNet2DConditionModel) and the sampler, which
+`generate()` takes per call. Its loop, in `denoise()`, is short on purpose: copy it and change it.
+This module and train.py are the only ones that see models and samplers together (with the command line).
 
-This is the one module that sees models and samplers together (with train.py and the command line).
+Notation: B batch, c latent channels, h x w latent size, H x W image size = f·h x f·w, L tokens, D width.
 """
 
 from __future__ import annotations
@@ -27,197 +29,335 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
-from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import load_module_weights, save_weights
-from .checks import check_like_weights
-from .samplers import DDIMSampler, DDPMSampler
-from .schedule import NoiseSchedule
-from .text import TextEncoder, TextEncoderConfig, Tokenizer
-from .unet import UNet2DConditionModel, UNetConfig
+from . import model_folder
+from .attention_maps import cross_attention_maps
+from .checks import check_images, explain_missing_kernels
+from .interfaces import Backbone, Conditioner, FirstStage, Sampler, check_slot
+from .pixel_space import PixelSpace
+from .samplers import DDIMSampler, DDPMSampler, randn_tensor
+from .schedule import PREDICTION_TYPES, NoiseSchedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SAMPLERS = ("ddim", "ddpm")
-FILES = ("config.json", "vocab.json", "autoencoder.safetensors", "unet.safetensors", "text_encoder.safetensors")
+# The samplers make_sampler() builds by name, with the settings it gives them unless told otherwise:
+# "trailing" spacing starts every run at t = T - 1 and works for any number of steps from 1 to T.
+SAMPLERS = {
+    "ddim": (DDIMSampler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    "ddpm": (DDPMSampler, {"timestep_spacing": "trailing"}),
+}
 
 
 @dataclass
 class GenerationOutput:
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
-    timesteps: list[int]  # the T timesteps visited, high to low
-    latents: torch.Tensor  # (T + 1, B, c, h, w): z_T, ..., z_0 (scaled latents)
-    pred_original_latents: torch.Tensor  # (T, B, c, h, w): the predicted z_0 at each step
+    images: torch.Tensor  # (B, C, H, W) float32 in [0, 1]
+    timesteps: list  # the timesteps visited, in order (ints, or floats for continuous-time samplers)
+    latents: torch.Tensor  # (n + 1, B, c, h, w): z_T, then the sample after each step (scaled latents)
+    pred_original_latents: torch.Tensor  # (n, B, c, h, w): the predicted z_0 at each step
 
 
 class LatentDiffusion(nn.Module):
+    """A text-to-image latent diffusion model: `generate(prompts)` -> images, `training_loss(images, captions)`.
+
+    first_stage: a FirstStage (AutoencoderKL), or None to diffuse pixels (PixelSpace). It is frozen here.
+    backbone: a Backbone (UNet2DConditionModel) taking the first stage's latent channels.
+    schedule: the NoiseSchedule the backbone is trained on.
+    conditioner: a Conditioner (TextEncoder) whose width is the backbone's cross_attention_dim.
+    prediction_type: what the backbone predicts: "epsilon", "v_prediction" or "sample" (x_0).
+    image_size: the default height and width of generated images, a multiple of the first stage's factor f.
+
+    Raises TypeError for an argument that does not fill its slot, ValueError for slots that do not fit
+    together (channels, widths), an unknown prediction_type or an image_size that f does not divide.
+    """
+
     def __init__(
         self,
-        autoencoder: AutoencoderKL | None,
-        unet: UNet2DConditionModel,
+        first_stage: FirstStage | None,
+        backbone: Backbone,
         schedule: NoiseSchedule,
-        text_encoder: TextEncoder,
+        conditioner: Conditioner,
         prediction_type: str = "epsilon",
         image_size: int = 32,
     ):
         super().__init__()
-        for name, value, kind in (("autoencoder", autoencoder, AutoencoderKL), ("unet", unet, UNet2DConditionModel),
-                                  ("schedule", schedule, NoiseSchedule), ("text_encoder", text_encoder, TextEncoder)):
-            if not isinstance(value, kind) and not (name == "autoencoder" and value is None):
-                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
-        if autoencoder is not None and unet.config.in_channels != autoencoder.config.latent_channels:
-            raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the autoencoder makes "
-                             f"{autoencoder.config.latent_channels}-channel latents")
-        if autoencoder is None and unet.config.in_channels != unet.config.out_channels:
-            raise ValueError(f"in pixel space (autoencoder=None) the UNet must output as many channels as it takes, "
-                             f"got in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}")
-        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-            raise ValueError(f"the UNet's cross_attention_dim={unet.config.cross_attention_dim} must equal the text "
-                             f"encoder's hidden_size={text_encoder.config.hidden_size}")
+        first_stage = first_stage if first_stage is not None else PixelSpace(getattr(backbone, "in_channels", 3))
+        check_slot(first_stage, FirstStage, "first_stage")
+        check_slot(backbone, Backbone, "backbone")
+        check_slot(conditioner, Conditioner, "conditioner")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        c = first_stage.latent_channels
+        if backbone.in_channels != c or backbone.out_channels != c:
+            raise ValueError(f"the backbone must take and return the first stage's {c} latent channels, got "
+                             f"in_channels={backbone.in_channels}, out_channels={backbone.out_channels}")
+        if backbone.cross_attention_dim != conditioner.hidden_size:
+            raise ValueError(f"the backbone's cross_attention_dim={backbone.cross_attention_dim} must equal the "
+                             f"conditioner's hidden_size={conditioner.hidden_size}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        f = autoencoder.config.downsampling_factor if autoencoder is not None else 1
-        if image_size % (f * 2 ** (len(unet.config.block_out_channels) - 1)):
-            raise ValueError(f"image_size={image_size} must divide by f={f} times the UNet's total downsampling")
-        # The first stage is trained separately, then frozen; None means pixel space.
-        self.autoencoder = autoencoder.requires_grad_(False) if autoencoder is not None else None
-        self.unet = unet
-        self.text_encoder = text_encoder
+        f = first_stage.downsampling_factor
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < f or image_size % f:
+            raise ValueError(f"image_size must be a multiple of the first stage's factor f={f}, got {image_size!r}")
+        self.first_stage = first_stage.requires_grad_(False)  # trained separately, then frozen
+        self.backbone = backbone
+        self.conditioner = conditioner
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.image_size = image_size
 
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        return next(self.backbone.parameters()).device
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        if self.autoencoder is None:
-            return (self.unet.config.in_channels, self.image_size, self.image_size)
-        h = self.image_size // self.autoencoder.config.downsampling_factor
-        return (self.autoencoder.config.latent_channels, h, h)
+    def dtype(self) -> torch.dtype:
+        """The backbone's dtype: latents live in it; images come back as float32 whatever it is."""
+        return next(self.backbone.parameters()).dtype
 
-    # ---- the two stages' interfaces ------------------------------------------------------------------------
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(c, h, w) of the latents of a `height` x `width` image (default image_size)."""
+        f = self.first_stage.downsampling_factor
+        height = height if height is not None else self.image_size
+        width = width if width is not None else self.image_size
+        return (self.first_stage.latent_channels, height // f, width // f)
+
+    # ---- the first stage: images <-> scaled latents ----------------------------------------------------------
+
+    def _first_stage_dtype(self) -> torch.dtype:
+        weight = next(self.first_stage.parameters(), None)
+        return weight.dtype if weight is not None else self.dtype  # PixelSpace has no weights
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents z_0 = scaling_factor · E(x), (B, c, h, w)."""
-        if self.autoencoder is None:
-            return images  # pixel space: z_0 = x
-        return self.autoencoder.encode(images).sample(generator) * self.autoencoder.scaling_factor
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents z_0 = scaling_factor · E(x), (B, c, H/f, W/f),
+        in the model's dtype on its device. Raises TypeError / ValueError for images of the wrong kind."""
+        f = self.first_stage.downsampling_factor
+        check_images(images, "images", self.first_stage.in_channels, f)
+        images = images.to(self.device, self._first_stage_dtype())
+        latents = self.first_stage.encode(images).sample(generator) * self.first_stage.scaling_factor
+        return latents.to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, c, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        if self.autoencoder is None:
-            images = latents
-        else:
-            images = self.autoencoder.decode(latents / self.autoencoder.scaling_factor)  # in [-1, 1], roughly
-        return ((images + 1) / 2).clamp(0, 1)
+        """Scaled latents (B, c, h, w) -> images (B, C, f·h, f·w), float32 in [0, 1]."""
+        check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
+        latents = latents.to(self.device, self._first_stage_dtype())
+        images = self.first_stage.decode(latents / self.first_stage.scaling_factor)  # in [-1, 1], roughly
+        return ((images.float() + 1) / 2).clamp(0, 1)
 
-    # ---- training ---------------------------------------------------------------------------------------------
-
-    def latent_training_loss(self, latents: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Eq. (3) on scaled latents z_0 (B, c, h, w) — precompute them once when the autoencoder is frozen."""
-        self._check_batch(latents, "latents", self.unet, 1, captions, caption_dropout, generator)
-        B, device = latents.shape[0], latents.device
-        drop = torch.rand(B, generator=generator) < caption_dropout
-        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator).to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)  # ε
-        noisy = self.schedule.add_noise(latents, noise, t)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
-        model_output = self.unet(noisy, t, self.text_encoder.encode(captions))
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.schedule.get_velocity(latents, noise, t)  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0
-        else:
-            target = latents
-        return F.mse_loss(model_output.float(), target.float())
+    # ---- training -------------------------------------------------------------------------------------------
 
     def training_loss(self, images: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Eq. (3) from images (B, 3, H, W) in [-1, 1]: encode with the frozen autoencoder, then as above."""
-        first_stage = self.autoencoder if self.autoencoder is not None else self.unet
-        f = self.autoencoder.config.downsampling_factor if self.autoencoder is not None else 1
-        self._check_batch(images, "images", first_stage, f, captions, caption_dropout, generator)
+        """Eq. (3) from images (B, C, H, W) in [-1, 1]: encode with the frozen first stage, then as below."""
         return self.latent_training_loss(self.encode_images(images, generator), captions, caption_dropout, generator)
 
-    def _check_batch(self, batch, name: str, first_module: nn.Module, f: int, captions, caption_dropout,
-                     generator) -> None:
-        """The training losses' arguments: a batch (B, C, H, W) that `first_module` (the autoencoder, or the UNet)
-        takes, with H and W multiples of f times the UNet's downsampling; a caption per item; a dropout in [0, 1]."""
-        weight = next(first_module.parameters())
-        channels = (first_module.config.in_channels if isinstance(first_module, AutoencoderKL)
-                    else self.unet.config.in_channels)
-        factor = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        check_like_weights(batch, name, weight)
-        if batch.ndim != 4 or batch.shape[1] != channels or 0 in batch.shape or batch.shape[2] % factor \
-                or batch.shape[3] % factor:
-            raise ValueError(f"{name} must have shape (B, {channels}, H, W) with B >= 1 and H, W multiples of "
-                             f"{factor}, got {tuple(batch.shape)}")
-        if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
-            raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
-        if len(captions) != len(batch):
-            raise ValueError(f"got {len(batch)} {name} but {len(captions)} captions")
+    def latent_training_loss(self, latents: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. (3) on scaled latents z_0 (B, c, h, w), a scalar float32 loss. Draws t, ε and the caption
+        dropout from `generator` (draw_training_noise), then computes diffusion_loss."""
+        self._check_captions(latents, captions)  # before the draws, which need the batch's shape
+        timesteps, noise, dropped = self.draw_training_noise(latents.shape, caption_dropout, generator)
+        return self.diffusion_loss(latents, captions, timesteps, noise, dropped)
+
+    def draw_training_noise(self, shape: tuple[int, ...], caption_dropout: float = 0.1,
+                            generator: torch.Generator | None = None):
+        """The randomness of one training step for latents of `shape` (B, c, h, w), drawn on the CPU from
+        `generator`: (timesteps (B,) int64 in [0, T), noise ε (B, c, h, w) float32, dropped (B,) bool)."""
         if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        B = shape[0]
+        dropped = torch.rand(B, generator=generator) < caption_dropout
+        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
+        noise = torch.randn(tuple(shape), generator=generator)
+        return timesteps, noise, dropped
 
-    # ---- sampling ---------------------------------------------------------------------------------------------
+    def diffusion_loss(self, latents: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
+                       noise: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Eq. (3) with every random draw given: || target - model(z_t, t, τ(y)) ||², averaged, as float32.
 
-    def make_sampler(self, sampler: str = "ddim", eta: float = 0.0):
-        if sampler == "ddim":
-            return DDIMSampler(self.schedule, eta=eta, prediction_type=self.prediction_type)
-        if sampler == "ddpm":
-            return DDPMSampler(self.schedule, prediction_type=self.prediction_type)
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        latents z_0 (B, c, h, w); captions, B strings; timesteps (B,) integers in [0, T); noise ε like latents;
+        dropped (B,) bool: these captions are replaced by the null condition. Raises TypeError / ValueError
+        for arguments of the wrong kind or shape.
+        """
+        self._check_captions(latents, captions)
+        device, dtype = self.device, self.dtype
+        latents = latents.to(device, dtype)
+        noise = noise.to(device, dtype)  # ε
+        timesteps = timesteps.to(device)
+        captions = [self.conditioner.null_condition if drop else caption
+                    for caption, drop in zip(captions, dropped.tolist())]
+        noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
+        model_output = self.backbone(noisy, timesteps, self.conditioner.encode(captions))
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.schedule.get_velocity(latents, noise, timesteps)  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0
+        else:
+            target = latents
+        return F.mse_loss(model_output.float(), target.float())
 
-    def guided_model_output(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                            uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched UNet call. t: one timestep."""
+    def _check_captions(self, latents, captions) -> None:
+        check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
+        if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
+        if len(captions) != len(latents):
+            raise ValueError(f"got {len(latents)} latents but {len(captions)} captions")
+
+    def warn_ignored_words(self, prompts: list[str], what: str = "prompts", stacklevel: int = 2) -> None:
+        """One UserWarning naming every word of `prompts` the conditioner cannot use (unknown words, words past
+        its token limit), grouped by reason; nothing when every word gets through."""
+        by_reason: dict[str, dict[str, None]] = {}  # reason -> the words, in order, each once
+        for prompt in dict.fromkeys(prompts):  # each distinct prompt once
+            for reason, words in self.conditioner.ignored_words(prompt).items():
+                by_reason.setdefault(reason, {}).update(dict.fromkeys(words))
+        if by_reason:
+            listed = "; ".join(f"{reason}: {', '.join(repr(w) for w in list(words)[:20])}"
+                               + (" ..." if len(words) > 20 else "") for reason, words in by_reason.items())
+            warnings.warn(f"the model cannot use some words of the {what} ({listed})", UserWarning,
+                          stacklevel=stacklevel + 1)
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+
+    def make_sampler(self, name: str = "ddim", **settings):
+        """A sampler for this model's schedule and prediction type, by name ("ddim" or "ddpm").
+
+        Unless `settings` say otherwise it uses "trailing" spacing, and DDIM lands on a clean x_0
+        (set_alpha_to_one=True): every num_inference_steps from 1 to T then works, and the first step
+        starts from t = T - 1 (Lin et al. 2023). `make_sampler()` is generate()'s default sampler.
+        `settings` are the sampler's own arguments (eta=..., timestep_spacing=..., steps_offset=...).
+        """
+        if not isinstance(name, str) or name not in SAMPLERS:
+            raise ValueError(f"sampler name must be one of {tuple(SAMPLERS)}, got {name!r}")
+        sampler_class, defaults = SAMPLERS[name]
+        return sampler_class(self.schedule, prediction_type=self.prediction_type, **{**defaults, **settings})
+
+    def guided_model_output(self, latents: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
+                            guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched backbone call.
+        latents (B, c, h, w); t one timestep; cond, uncond (B, L, D) -> (B, c, h, w)."""
         if guidance_scale == 1.0:  # the guided output is exactly the conditional one: skip half the work
-            return self.unet(latents, t, cond)
-        both = self.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))  # (2B, c, h, w)
+            return self.backbone(latents, t, cond)
+        both = self.backbone(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))  # (2B, c, h, w)
         out_uncond, out_cond = both.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    def denoise(self, latents: torch.Tensor, prompts: list[str], sampler, num_inference_steps: int,
+                guidance_scale: float, generator: torch.Generator | None = None, on_step=None,
+                progress: bool = False) -> torch.Tensor:
+        """The sampling loop: noise (B, c, h, w) -> z_0, guided by `prompts`. `on_step(i, t, step_output)`
+        runs after every step. It calls sampler.set_timesteps, which also resets the sampler's state."""
+        cond = self.conditioner.encode(prompts)  # (B, L, D)
+        uncond = None  # guidance 1 is the conditional model alone: no unconditional prediction needed
+        if guidance_scale != 1:
+            uncond = self.conditioner.encode([self.conditioner.null_condition] * len(prompts))  # (B, L, D)
+        sampler.set_timesteps(num_inference_steps)
+        latents = latents * sampler.init_noise_sigma  # z_T
+        for i, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress)):
+            model_input = sampler.scale_model_input(latents, t)
+            model_output = self.guided_model_output(model_input, t, cond, uncond, guidance_scale)
+            out = sampler.step(model_output, t, latents, generator=generator)
+            latents = out.prev_sample
+            if on_step is not None:
+                on_step(i, t, out)
+        return latents
 
     @torch.no_grad()
     def generate(
         self,
         prompts: list[str] | str,
         num_inference_steps: int = 50,
-        sampler: str = "ddim",
+        *,
+        sampler: Sampler | None = None,
         guidance_scale: float = 3.0,
-        eta: float = 0.0,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         return_intermediates: bool = False,
         max_batch_size: int = 256,
         callback=None,
         progress: bool = False,
     ) -> torch.Tensor | GenerationOutput:
-        """Images (B, 3, H, W) in [0, 1] for `prompts`; with return_intermediates, a GenerationOutput.
+        """Images (B, C, height, width), float32 in [0, 1], one per prompt; with return_intermediates a
+        GenerationOutput that also holds every step's latents and predicted z_0.
 
-        The initial noise comes from `generator` on the CPU, so one seed gives the same images on any CPU
-        (GPU kernels may differ in the last bits). Requests above `max_batch_size` run in chunks, one after
-        the other, drawing from the same generator. `callback(step_index, timestep, latents)` runs after
-        every step.
+        sampler: any Sampler built for this model's schedule and prediction type (make_sampler("ddpm"),
+            DDIMSampler(ldm.schedule, eta=1.0, ...)); None is make_sampler(), DDIM with "trailing" spacing.
+            generate() calls its set_timesteps(num_inference_steps), as a diffusers pipeline does.
+        guidance_scale: s >= 0 of classifier-free guidance; 1 is the conditional model alone.
+        generator: the CPU torch.Generator all noise is drawn from, so a seed gives the same noise on any
+            device (GPU kernels may still differ in the last bits).
+        latents: the starting noise (B, c, height/f, width/f) instead of drawing it (diffusers' name); it is
+            multiplied by the sampler's init_noise_sigma.
+        height, width: the image size, multiples of the first stage's factor f (default image_size, or what
+            `latents` implies).
+        max_batch_size: larger requests run in chunks of this size, one after the other.
+        callback(step_index, timestep, latents) runs after every step.
+
+        Warns (UserWarning, once per call) about words of the prompts the conditioner cannot use. Raises
+        TypeError / ValueError for arguments of the wrong kind, naming the argument, and NotImplementedError
+        when torch lacks an operation in the model's dtype on its device (checks.explain_missing_kernels).
         """
+        prompts, sampler, start = self._check_generate_arguments(prompts, num_inference_steps, sampler,
+                                                                 guidance_scale, generator, latents, height, width,
+                                                                 max_batch_size, callback)
+        self.warn_ignored_words(prompts, stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
+        was_training = self.training
+        if any(m.training for m in (self, self.backbone, self.conditioner, self.first_stage)):
+            self.eval()  # no dropout while sampling; eval() visits every module (~1 ms): only when needed
+        chunks = []
+        with explain_missing_kernels(self.device, self.dtype):
+            for first in range(0, len(prompts), max_batch_size):
+                chunk = slice(first, first + max_batch_size)
+                chunks.append(self._generate_chunk(prompts[chunk], start[chunk], sampler, num_inference_steps,
+                                                   guidance_scale, generator, return_intermediates, callback,
+                                                   progress))
+        if was_training:
+            self.train()
+        if not return_intermediates:
+            return torch.cat(chunks)
+        return GenerationOutput(torch.cat([c.images for c in chunks]), chunks[0].timesteps,
+                                torch.cat([c.latents for c in chunks], dim=1),
+                                torch.cat([c.pred_original_latents for c in chunks], dim=1))
+
+    def _generate_chunk(self, prompts, start, sampler, num_inference_steps, guidance_scale, generator,
+                        return_intermediates, callback, progress):
+        trajectory, predictions, timesteps = [start], [], []
+
+        def on_step(i, t, out):
+            if return_intermediates:
+                trajectory.append(out.prev_sample)
+                predictions.append(out.pred_original_sample)
+                timesteps.append(t.item() if torch.is_tensor(t) else t)
+            if callback is not None:
+                callback(i, t.item() if torch.is_tensor(t) else t, out.prev_sample)
+
+        latents = self.denoise(start, prompts, sampler, num_inference_steps, guidance_scale, generator, on_step,
+                               progress)
+        images = self.decode_latents(latents)
+        if not return_intermediates:
+            return images
+        return GenerationOutput(images, timesteps, torch.stack(trajectory), torch.stack(predictions))
+
+    def _check_generate_arguments(self, prompts, num_inference_steps, sampler, guidance_scale, generator, latents,
+                                  height, width, max_batch_size, callback):
+        """generate()'s arguments, checked before any work: (prompts as a list, the sampler, the starting noise
+        (B, c, h, w) in the model's dtype on its device)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0 or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
         prompts = list(prompts)
+        sampler = self.make_sampler() if sampler is None else sampler
+        self.check_sampler(sampler)
+        sampler.set_timesteps(num_inference_steps)  # raises now, before any work, for an impossible number
         if not isinstance(guidance_scale, numbers.Real) or not 0 <= guidance_scale < math.inf:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
@@ -227,136 +367,60 @@ class LatentDiffusion(nn.Module):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step_index, timestep, latents) or None, "
                             f"got {type(callback).__name__}")
-        if len(prompts) > max_batch_size:
-            chunks = [self.generate(prompts[i : i + max_batch_size], num_inference_steps, sampler, guidance_scale,
-                                    eta, generator, return_intermediates, max_batch_size, callback, progress)
-                      for i in range(0, len(prompts), max_batch_size)]
-            if not return_intermediates:
-                return torch.cat(chunks)
-            return GenerationOutput(torch.cat([c.images for c in chunks]), chunks[0].timesteps,
-                                    torch.cat([c.latents for c in chunks], dim=1),
-                                    torch.cat([c.pred_original_latents for c in chunks], dim=1))
+        f = self.first_stage.downsampling_factor
+        if latents is not None:
+            check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
+            height = height if height is not None else latents.shape[2] * f
+            width = width if width is not None else latents.shape[3] * f
+        for name, size in (("height", height), ("width", width)):
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < f or size % f):
+                raise ValueError(f"{name} must be a positive multiple of the first stage's factor f={f}, got {size!r}")
+        shape = (len(prompts), *self.latent_shape(height, width))
+        if latents is None:
+            latents = randn_tensor(shape, generator, self.device)  # drawn on the generator's device
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for {len(prompts)} prompts of {height}x{width} "
+                             f"images, got {tuple(latents.shape)}")
+        return prompts, sampler, latents.to(self.device, self.dtype)
 
-        was_training = self.training
-        if any(m.training for m in (self, self.unet, self.text_encoder, self.autoencoder) if m is not None):
-            self.eval()  # no dropout while sampling; eval() visits every module (~1 ms): only when needed
-        scheduler = self.make_sampler(sampler, eta)
-        scheduler.set_timesteps(num_inference_steps)
-        cond = self.text_encoder.encode(prompts)  # (B, L, D)
-        # The empty prompt's states, (B, L, D); guidance 1 is the conditional model alone and needs none.
-        uncond = self.text_encoder.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
-        shape = (len(prompts), *self.latent_shape)
-        latents = torch.randn(shape, generator=generator).to(self.device)  # z_T ~ N(0, I)
-        trajectory, predictions = [latents], []
-        timesteps_here = scheduler.timesteps.to(self.device)  # moved once: a copy per step would wait on a GPU
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
-            model_output = self.guided_model_output(latents, timesteps_here[i], cond, uncond, guidance_scale)
-            out = scheduler.step(model_output, t, latents, generator=generator)
-            latents = out.prev_sample
-            if return_intermediates:
-                trajectory.append(latents)
-                predictions.append(out.pred_original_sample)
-            if callback is not None:
-                callback(i, int(t), latents)
-        images = self.decode_latents(latents)
-        if was_training:
-            self.train()
-        if not return_intermediates:
-            return images
-        return GenerationOutput(images, [int(t) for t in scheduler.timesteps], torch.stack(trajectory),
-                                torch.stack(predictions))
+    def check_sampler(self, sampler) -> None:
+        """Raise TypeError unless `sampler` fills the sampler slot, ValueError unless it was built for this
+        model's prediction type and noise schedule."""
+        if isinstance(sampler, str):
+            raise TypeError(f"sampler must be a sampler object, not a name: ldm.make_sampler({sampler!r}) builds one "
+                            f"for this model (or DDIMSampler(ldm.schedule, ...))")
+        check_slot(sampler, Sampler, "sampler")
+        if sampler.prediction_type != self.prediction_type:
+            raise ValueError(f"the sampler was built for prediction_type={sampler.prediction_type!r} but this model "
+                             f"predicts {self.prediction_type!r}; build it with prediction_type=ldm.prediction_type "
+                             f"or with ldm.make_sampler(...)")
+        if sampler.schedule != self.schedule:
+            raise ValueError(f"the sampler was built for another noise schedule than the model's: {sampler.schedule} "
+                             f"vs the model's {self.schedule}; build it with ldm.schedule or ldm.make_sampler(...)")
 
     @torch.no_grad()
     def cross_attention_maps(self, prompt: str, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                              generator: torch.Generator | None = None):
-        """Where each word of `prompt` looks: returns (image (3, H, W), maps (L, h, w), tokens).
+        """Where each word of `prompt` looks: (image (C, H, W), maps (L, h, w), tokens). See attention_maps.py."""
+        return cross_attention_maps(self, prompt, num_inference_steps, guidance_scale, generator)
 
-        maps[j] is the attention probability of token j, averaged over heads, layers and steps, at every
-        latent position (layers with coarser maps are upsampled to the latent size h x w).
-        """
-        modules = list(self.unet.cross_attention_modules().values())
-        h, w = self.latent_shape[1:]
-        total = torch.zeros(self.text_encoder.config.max_length, h, w)
-
-        def collect(step, timestep, latents):
-            for module in modules:
-                probs = module.attention_probs[-1].mean(dim=0)  # conditional sample, mean over heads: (N, L)
-                side = int(probs.shape[0] ** 0.5)
-                maps = probs.T.reshape(-1, 1, side, side).float().cpu()  # (N, L) -> (L, 1, side, side)
-                total.add_(F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)[:, 0])
-
-        for module in modules:
-            module.store_attention_probs = True
-        try:
-            image = self.generate([prompt], num_inference_steps, "ddim", guidance_scale, generator=generator,
-                                  callback=collect)[0]
-        finally:
-            for module in modules:
-                module.store_attention_probs = False
-                module.attention_probs = None
-        tokens = self.text_encoder.tokenizer.tokenize(prompt)
-        return image, total[: len(tokens)] / (len(modules) * num_inference_steps), tokens
-
-    # ---- files ------------------------------------------------------------------------------------------------
+    # ---- files ----------------------------------------------------------------------------------------------
 
     def config_dict(self) -> dict:
-        s = self.schedule
-        tokenizer = self.text_encoder.tokenizer
-        return {
-            "format": "minildm.LatentDiffusion",
-            "version": 1,
-            "image_size": self.image_size,
-            "prediction_type": self.prediction_type,
-            "schedule": {"beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps,
-                         "beta_start": s.beta_start, "beta_end": s.beta_end},
-            "autoencoder": asdict(self.autoencoder.config) if self.autoencoder is not None else None,
-            "unet": asdict(self.unet.config),
-            "text_encoder": asdict(self.text_encoder.config),
-            "tokenizer": {"max_length": tokenizer.max_length},
-        }
+        """What config.json holds: the format version, the settings, and each slot's class and config."""
+        return model_folder.config_of(self)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Weights as safetensors, config and vocabulary as JSON. The folder is replaced as a whole
-        (checkpoint.atomic_directory): a crash leaves the old model or the new one, never a mix, and load()
-        finds it."""
-        with atomic_directory(directory) as folder:
-            atomic_write_json(folder / "vocab.json", self.text_encoder.tokenizer.vocab)
-            if self.autoencoder is not None:
-                save_weights(self.autoencoder.state_dict(), folder / "autoencoder.safetensors")
-            save_weights(self.unet.state_dict(), folder / "unet.safetensors")
-            save_weights(self.text_encoder.state_dict(), folder / "text_encoder.safetensors")
-            atomic_write_json(folder / "config.json", self.config_dict())
+        """Weights as safetensors (in the model's dtype), config as JSON, the folder replaced as a whole
+        (atomic.atomic_directory): a crash leaves the old model or the new one, never a mix, and load() finds it.
+        The format is model_folder.py's, version 2."""
+        model_folder.save(self, directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> LatentDiffusion:
-        """Rebuild from `save()`'s folder, checking every tensor's name, shape and dtype against the config."""
-        directory = readable_directory(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no model folder at {directory}")
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} is not a minildm model: it has no config.json "
-                                    f"(expected {', '.join(FILES)})")
-        config = read_json(directory / "config.json")
-        if not isinstance(config, dict) or config.get("format") != "minildm.LatentDiffusion":
-            raise ValueError(f"{directory / 'config.json'} is not a minildm LatentDiffusion config")
-        pixel_space = config.get("autoencoder", {}) is None
-        expected = [name for name in FILES if not (pixel_space and name == "autoencoder.safetensors")]
-        missing = [name for name in expected if not (directory / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{directory} is not a complete minildm model: missing {', '.join(missing)} "
-                                    f"(expected {', '.join(expected)})")
-        try:
-            tokenizer = Tokenizer(read_json(directory / "vocab.json"), config["tokenizer"]["max_length"])
-            autoencoder = None if pixel_space else AutoencoderKL(AutoencoderConfig(**config["autoencoder"]))
-            unet = UNet2DConditionModel(UNetConfig(**config["unet"]))
-            text_encoder = TextEncoder(TextEncoderConfig(**config["text_encoder"]), tokenizer)
-            schedule = NoiseSchedule(**config["schedule"])
-            model = cls(autoencoder, unet, schedule, text_encoder, config["prediction_type"], config["image_size"])
-        except (KeyError, TypeError, ValueError) as e:  # a field missing, unknown, of the wrong type or out of range
-            raise ValueError(f"{directory / 'config.json'} (with vocab.json) does not describe a valid model: "
-                             f"{type(e).__name__}: {e}") from e
-        if autoencoder is not None:
-            load_module_weights(autoencoder, directory / "autoencoder.safetensors")
-        load_module_weights(unet, directory / "unet.safetensors")
-        load_module_weights(text_encoder, directory / "text_encoder.safetensors")
-        return model.to(device).eval()
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+             torch_dtype: torch.dtype | None = None) -> LatentDiffusion:
+        """Rebuild a model from save()'s folder (any format version so far, 1 or 2), checking every tensor's
+        name, shape and dtype against the config. It loads in the dtype it was saved in, or `torch_dtype`
+        (diffusers' name), on `device`, in eval mode. Raises FileNotFoundError for a missing folder or file,
+        ValueError for a config or weights that do not describe a valid model."""
+        return model_folder.load(cls, directory, device, torch_dtype)

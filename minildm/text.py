@@ -69,6 +69,17 @@ class Tokenizer:
         words = [w if w in self.token_to_id else UNK for w in split_words(text)]
         return [BOS] + words[: self.max_length - 2] + [EOS]
 
+    def ignored_words(self, text: str) -> dict[str, list[str]]:
+        """The words of `text` the model cannot use, by reason: not in the vocabulary (they become <unk>),
+        or past max_length (they are cut off). Empty when every word gets through."""
+        if not isinstance(text, str):
+            raise TypeError(f"prompts must be strings, got {type(text).__name__}")
+        words = split_words(text)
+        kept = self.max_length - 2  # <bos> and <eos> take two places
+        ignored = {"not in the vocabulary": [w for w in words[:kept] if w not in self.token_to_id],
+                   f"past the limit of {self.max_length} tokens": words[kept:]}
+        return {reason: found for reason, found in ignored.items() if found}
+
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         """Token ids (B, max_length), padded with <pad>."""
         if isinstance(texts, str):
@@ -117,7 +128,12 @@ class TextEncoderLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """τ_θ: prompts -> (B, L, D) hidden states. Holds its tokenizer so prompts go in as strings."""
+    """τ_θ: prompts -> (B, L, D) hidden states. Holds its tokenizer so prompts go in as strings.
+
+    Fills the conditioner slot (interfaces.Conditioner): the empty prompt "" is the null condition.
+    """
+
+    null_condition = ""  # the unconditional input of classifier-free guidance
 
     def __init__(self, config: TextEncoderConfig, tokenizer: Tokenizer):
         super().__init__()
@@ -140,6 +156,28 @@ class TextEncoder(nn.Module):
         tokenizer = Tokenizer.from_captions(captions)
         config = TextEncoderConfig(len(tokenizer), tokenizer.max_length, hidden_size, num_layers, num_heads)
         return cls(config, tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def config_dict(self) -> dict:
+        """The config with the vocabulary: everything from_config_dict needs to rebuild this encoder."""
+        return {**asdict(self.config), "vocab": self.tokenizer.vocab}
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> TextEncoder:
+        config = dict(config)
+        vocab = config.pop("vocab")
+        return cls(TextEncoderConfig(**config), Tokenizer(vocab, config.get("max_length", 16)))
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The tokens of `prompt` at positions 0, 1, ... of encode()'s output (<bos> ... <eos>)."""
+        return self.tokenizer.tokenize(prompt)
+
+    def ignored_words(self, prompt: str) -> dict[str, list[str]]:
+        """The words of `prompt` this encoder cannot use, by reason (Tokenizer.ignored_words)."""
+        return self.tokenizer.ignored_words(prompt)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         device = self.token_embedding.weight.device

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import CAPTIONS, make_tiny_ldm
 
 from minildm.ldm import LatentDiffusion
+from minildm.pixel_space import PixelSpace
 from minildm.schedule import NoiseSchedule
 from minildm.text import TextEncoder
 from minildm.unet import UNet2DConditionModel, UNetConfig
@@ -26,19 +27,21 @@ def test_generate_shapes_range_and_seed(tiny_ldm):
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_generate_is_reproducible_for_each_sampler(tiny_ldm, sampler):
-    a = tiny_ldm.generate("a red circle", 3, sampler=sampler, generator=torch.Generator().manual_seed(0))
-    b = tiny_ldm.generate("a red circle", 3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    a = tiny_ldm.generate("a red circle", 3, sampler=tiny_ldm.make_sampler(sampler),
+                          generator=torch.Generator().manual_seed(0))
+    b = tiny_ldm.generate("a red circle", 3, sampler=tiny_ldm.make_sampler(sampler),
+                          generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
 
 
 def test_guidance_scale_one_is_the_conditional_prediction(tiny_ldm):
     z = torch.randn(2, 4, 4, 4)
     t = torch.tensor(500)
-    cond = tiny_ldm.text_encoder.encode(CAPTIONS[:2])
-    uncond = tiny_ldm.text_encoder.encode(["", ""])
+    cond = tiny_ldm.conditioner.encode(CAPTIONS[:2])
+    uncond = tiny_ldm.conditioner.encode(["", ""])
     with torch.no_grad():
-        conditional = tiny_ldm.unet(z, t, cond)
-        unconditional = tiny_ldm.unet(z, t, uncond)
+        conditional = tiny_ldm.backbone(z, t, cond)
+        unconditional = tiny_ldm.backbone(z, t, uncond)
         assert torch.allclose(tiny_ldm.guided_model_output(z, t, cond, uncond, 1.0), conditional, atol=1e-6)
         # eq. (6) of Ho & Salimans in the ε form: ε_u + s (ε_c - ε_u), computed from two separate calls.
         expected = unconditional + 4.0 * (conditional - unconditional)
@@ -58,8 +61,8 @@ def test_return_intermediates(tiny_ldm):
 
 def test_max_batch_size_splits_requests(tiny_ldm):
     calls = []
-    original = tiny_ldm.unet.forward
-    tiny_ldm.unet.forward = lambda sample, *a, **k: calls.append(sample.shape[0]) or original(sample, *a, **k)
+    original = tiny_ldm.backbone.forward
+    tiny_ldm.backbone.forward = lambda sample, *a, **k: calls.append(sample.shape[0]) or original(sample, *a, **k)
     images = tiny_ldm.generate(["a red circle"] * 5, num_inference_steps=2, guidance_scale=1.0, max_batch_size=2)
     assert images.shape == (5, 3, 16, 16)
     assert max(calls) == 2 and sum(calls) == 5 * 2
@@ -71,7 +74,6 @@ def test_max_batch_size_splits_requests(tiny_ldm):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"num_inference_steps": 1001}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
-        ({"sampler": "euler"}, "sampler"),
         ({"max_batch_size": 0}, "max_batch_size"),
     ],
 )
@@ -103,7 +105,7 @@ def test_latent_training_loss_is_equation_3():
         target = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * z0, "sample": z0}[prediction_type]
         captions = ["" if d else c for c, d in zip(CAPTIONS, dropped)]
         with torch.no_grad():
-            expected = F.mse_loss(ldm.unet(z_t, t, ldm.text_encoder.encode(captions)), target)
+            expected = F.mse_loss(ldm.backbone(z_t, t, ldm.conditioner.encode(captions)), target)
         assert torch.allclose(loss, expected, atol=1e-5), prediction_type
 
 
@@ -115,11 +117,11 @@ def test_caption_dropout_one_trains_the_unconditional_model(tiny_ldm):
 
 
 def test_training_loss_encodes_with_the_scaling_factor(tiny_ldm):
-    tiny_ldm.autoencoder.config.scaling_factor = 0.5
+    tiny_ldm.first_stage.config.scaling_factor = 0.5
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     g = torch.Generator().manual_seed(0)
     latents = tiny_ldm.encode_images(images, torch.Generator().manual_seed(0))
-    posterior = tiny_ldm.autoencoder.encode(images)
+    posterior = tiny_ldm.first_stage.encode(images)
     assert torch.allclose(latents, posterior.sample(torch.Generator().manual_seed(0)) * 0.5)
     assert torch.isfinite(tiny_ldm.training_loss(images, CAPTIONS, generator=g))
 
@@ -127,9 +129,17 @@ def test_training_loss_encodes_with_the_scaling_factor(tiny_ldm):
 def test_constructor_checks_the_pieces_fit():
     ldm = make_tiny_ldm()
     with pytest.raises(ValueError, match="prediction_type"):
-        LatentDiffusion(ldm.autoencoder, ldm.unet, ldm.schedule, ldm.text_encoder, "x0")
-    with pytest.raises(ValueError, match="image_size"):
-        LatentDiffusion(ldm.autoencoder, ldm.unet, ldm.schedule, ldm.text_encoder, image_size=12)
+        LatentDiffusion(ldm.first_stage, ldm.backbone, ldm.schedule, ldm.conditioner, "x0")
+    with pytest.raises(ValueError, match="image_size must be a multiple of the first stage's factor f=4"):
+        LatentDiffusion(ldm.first_stage, ldm.backbone, ldm.schedule, ldm.conditioner, image_size=10)
+    LatentDiffusion(ldm.first_stage, ldm.backbone, ldm.schedule, ldm.conditioner, image_size=12)  # 3x3 latents: fine
+    with pytest.raises(TypeError, match="first_stage must fill the FirstStage slot.*has no in_channels"):
+        LatentDiffusion(torch.nn.Identity(), ldm.backbone, ldm.schedule, ldm.conditioner)
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"):
+        LatentDiffusion(ldm.first_stage, ldm.backbone, "scaled_linear", ldm.conditioner)
+    with pytest.raises(ValueError, match="cross_attention_dim=16 must equal the conditioner's hidden_size=32"):
+        LatentDiffusion(ldm.first_stage, ldm.backbone, ldm.schedule,
+                        TextEncoder.from_captions(CAPTIONS, hidden_size=32, num_layers=1))
 
 
 def test_cross_attention_maps(tiny_ldm):
@@ -141,16 +151,16 @@ def test_cross_attention_maps(tiny_ldm):
     assert maps.min() >= 0
     # Softmax over all 16 key tokens: the prompt's 5 tokens hold at most all of the probability.
     assert (maps.sum(dim=0) <= 1 + 1e-5).all()
-    for module in tiny_ldm.unet.cross_attention_modules().values():
+    for module in tiny_ldm.backbone.cross_attention_modules().values():
         assert module.attention_probs is None and not module.store_attention_probs
 
 
 def test_save_load_round_trip(tiny_ldm, tmp_path):
-    tiny_ldm.autoencoder.config.scaling_factor = 0.7
+    tiny_ldm.first_stage.config.scaling_factor = 0.7
     tiny_ldm.save(tmp_path / "model")
     loaded = LatentDiffusion.load(tmp_path / "model")
-    assert loaded.autoencoder.scaling_factor == 0.7
-    assert loaded.text_encoder.tokenizer.vocab == tiny_ldm.text_encoder.tokenizer.vocab
+    assert loaded.first_stage.scaling_factor == 0.7
+    assert loaded.conditioner.tokenizer.vocab == tiny_ldm.conditioner.tokenizer.vocab
     a = tiny_ldm.generate(CAPTIONS, 3, generator=torch.Generator().manual_seed(0))
     b = loaded.generate(CAPTIONS, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
@@ -158,8 +168,8 @@ def test_save_load_round_trip(tiny_ldm, tmp_path):
 
 def test_load_reports_missing_files(tiny_ldm, tmp_path):
     tiny_ldm.save(tmp_path)
-    (tmp_path / "unet.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="unet.safetensors"):
+    (tmp_path / "backbone.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="backbone.safetensors"):
         LatentDiffusion.load(tmp_path)
     with pytest.raises(FileNotFoundError):
         LatentDiffusion.load(tmp_path / "nowhere")
@@ -168,7 +178,7 @@ def test_load_reports_missing_files(tiny_ldm, tmp_path):
 def test_load_reports_mismatched_shapes(tiny_ldm, tmp_path):
     tiny_ldm.save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["unet"]["block_out_channels"] = [32, 32]
+    config["backbone"]["config"]["block_out_channels"] = [32, 32]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="expected shape"):
         LatentDiffusion.load(tmp_path)
@@ -176,7 +186,7 @@ def test_load_reports_mismatched_shapes(tiny_ldm, tmp_path):
 
 def test_load_refuses_pickles(tiny_ldm, tmp_path):
     tiny_ldm.save(tmp_path)
-    torch.save(tiny_ldm.unet.state_dict(), tmp_path / "unet.safetensors")  # a pickle under the expected name
+    torch.save(tiny_ldm.backbone.state_dict(), tmp_path / "backbone.safetensors")  # a pickle under the expected name
     with pytest.raises(ValueError, match="pickle"):
         LatentDiffusion.load(tmp_path)
 
@@ -193,7 +203,8 @@ def make_pixel_ldm() -> LatentDiffusion:
 
 def test_pixel_space_model_diffuses_the_images_themselves(tmp_path):
     ldm = make_pixel_ldm()
-    assert ldm.latent_shape == (3, 16, 16)
+    assert ldm.latent_shape() == (3, 16, 16)
+    assert isinstance(ldm.first_stage, PixelSpace)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(ldm.encode_images(images), images)  # z_0 = x
     assert torch.allclose(ldm.decode_latents(images), (images + 1) / 2)
@@ -204,9 +215,8 @@ def test_pixel_space_model_diffuses_the_images_themselves(tmp_path):
     assert out.shape == (2, 3, 16, 16)
 
     ldm.save(tmp_path / "pixel")
-    assert not (tmp_path / "pixel" / "autoencoder.safetensors").exists()
     loaded = LatentDiffusion.load(tmp_path / "pixel")
-    assert loaded.autoencoder is None
+    assert isinstance(loaded.first_stage, PixelSpace) and loaded.first_stage.in_channels == 3
     again = loaded.generate(CAPTIONS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
@@ -215,14 +225,14 @@ def test_pixel_space_model_needs_matching_channels():
     text_encoder = TextEncoder.from_captions(CAPTIONS, hidden_size=16, num_layers=1, num_heads=2)
     unet = UNet2DConditionModel(UNetConfig(in_channels=3, out_channels=4, block_out_channels=(16, 16),
                                            cross_attention_dim=16, attention_head_dim=8, norm_num_groups=4))
-    with pytest.raises(ValueError, match="pixel space"):
+    with pytest.raises(ValueError, match="take and return the first stage's 3 latent channels"):
         LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=16)
 
 
 def test_generate_samples_without_dropout_and_restores_training_mode():
     torch.manual_seed(0)
     ldm = make_tiny_ldm()
-    ldm.unet = UNet2DConditionModel(dataclasses.replace(ldm.unet.config, dropout=0.5))  # dropout would show
+    ldm.backbone = UNet2DConditionModel(dataclasses.replace(ldm.backbone.config, dropout=0.5))  # dropout would show
     ldm.eval()
 
     def sample():
@@ -231,8 +241,8 @@ def test_generate_samples_without_dropout_and_restores_training_mode():
     reference = sample()
     ldm.train()
     assert torch.equal(sample(), reference)  # sampled in eval mode
-    assert ldm.training and ldm.unet.training and ldm.text_encoder.training  # and put back
+    assert ldm.training and ldm.backbone.training and ldm.conditioner.training  # and put back
     ldm.eval()
-    ldm.unet.train()  # only a part training (as a training loop leaves it): still no dropout
+    ldm.backbone.train()  # only a part training (as a training loop leaves it): still no dropout
     assert torch.equal(sample(), reference)
-    assert not ldm.unet.training
+    assert not ldm.backbone.training
