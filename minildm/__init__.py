@@ -4,33 +4,37 @@ on a laptop CPU. Each piece lives in its own module; the names most people need 
     from minildm import LatentDiffusion, ShapesDataset, viz
 """
 
-from . import viz
+from . import interfaces, viz
 from .attention import Attention, BasicTransformerBlock, Transformer2DModel
 from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from .classifier import ClassifierConfig, SmallClassifier
 from .data import LabeledImages
 from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
+from .distributed import pick_device
+from .ema import EMAModel
 from .fid import dataset_classifier, fid, frechet_distance, label_accuracy, psnr
 from .image_datasets import load_image_dataset
 from .ldm import GenerationOutput, LatentDiffusion
 from .metrics import ShapesChecker
 from .mnist import load_fashion_mnist, load_mnist
-from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
+from .pixel_space import PixelSpace
+from .samplers import DDIMSampler, DDPMSampler, SamplerOutput, randn_tensor
 from .schedule import NoiseSchedule
 from .shapes import HELD_OUT, ShapeAttributes, ShapesDataset
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
-from .train import EMA, pick_device, train_autoencoder, train_ldm
+from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "viz", "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussianDistribution", "Attention",
-    "BasicTransformerBlock", "Transformer2DModel", "ClassifierConfig", "SmallClassifier", "LabeledImages",
-    "load_fashion_mnist", "load_image_dataset", "load_mnist", "DemoConfig", "run_demo", "PatchDiscriminator",
-    "dataset_classifier", "fid", "frechet_distance", "label_accuracy", "psnr", "GenerationOutput",
-    "LatentDiffusion", "ShapesChecker", "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule",
-    "HELD_OUT", "ShapeAttributes", "ShapesDataset", "TextEncoder", "TextEncoderConfig", "Tokenizer", "EMA",
-    "pick_device", "train_autoencoder", "train_ldm", "UNet2DConditionModel", "UNetConfig",
+    "interfaces", "viz", "PixelSpace", "randn_tensor", "TrainingConfig", "EMAModel", "AutoencoderConfig",
+    "AutoencoderKL", "DiagonalGaussianDistribution", "Attention", "BasicTransformerBlock", "Transformer2DModel",
+    "ClassifierConfig", "SmallClassifier", "LabeledImages", "load_fashion_mnist", "load_image_dataset",
+    "load_mnist", "DemoConfig", "run_demo", "PatchDiscriminator", "dataset_classifier", "fid", "frechet_distance",
+    "label_accuracy", "psnr", "GenerationOutput", "LatentDiffusion", "ShapesChecker", "DDIMSampler", "DDPMSampler",
+    "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset", "TextEncoder",
+    "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm", "UNet2DConditionModel",
+    "UNetConfig",
 ]

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--num", type=int, default=8, help="images per prompt (default: 8)")
     sample.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                        help="ddim or ddpm, with 'trailing' timesteps (default: ddim)")
+    sample.add_argument("--height", type=int, default=None, help="image height (default: the model's image size)")
+    sample.add_argument("--width", type=int, default=None, help="image width (default: the model's image size)")
     sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
@@ -41,16 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from . import viz
+    from .distributed import pick_device
     from .ldm import LatentDiffusion
-    from .train import pick_device
 
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
     try:
         ldm = LatentDiffusion.load(args.model, device=pick_device(args.device))
         prompts = [p for p in args.prompt for _ in range(args.num)]
-        images = ldm.generate(prompts, args.steps, args.sampler, args.guidance,
-                              generator=torch.Generator().manual_seed(args.seed), progress=True)
+        images = ldm.generate(prompts, args.steps, sampler=ldm.make_sampler(args.sampler), guidance_scale=args.guidance,
+                              generator=torch.Generator().manual_seed(args.seed), height=args.height, width=args.width,
+                              progress=True)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

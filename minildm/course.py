@@ -22,7 +22,7 @@ from .ldm import LatentDiffusion
 from .profile import current_profile, pick
 from .schedule import NoiseSchedule
 from .text import TextEncoder
-from .train import train_autoencoder, train_ldm
+from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
 
 
@@ -39,8 +39,9 @@ def mnist_autoencoder_or_train(train: LabeledImages, factor: int = 4, artifacts:
     if (path / "autoencoder.json").exists():
         return AutoencoderKL.load(path).eval()
     autoencoder = mnist_autoencoder(factor)
-    train_autoencoder(autoencoder, train.images, steps=pick(ci=30, cpu=20000), batch_size=16, lr=2e-3,
-                      max_minutes=minutes if minutes is not None else pick(ci=0.5, cpu=3.0), device=device)
+    train_autoencoder(autoencoder, train.images, TrainingConfig.for_autoencoder(
+        steps=pick(ci=30, cpu=20000), batch_size=16, lr=2e-3,
+        max_minutes=minutes if minutes is not None else pick(ci=0.5, cpu=3.0), device=device))
     autoencoder.save(path)
     return autoencoder.cpu().eval()
 
@@ -75,8 +76,9 @@ def mnist_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "art
     torch.manual_seed(0)
     ldm = mnist_model(autoencoder, train.captions)
     n = pick(ci=2000, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
-    train_ldm(ldm, train.images[:n], train.captions[:n], steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64),
-              lr=1e-3, max_minutes=pick(ci=0.3, cpu=5.0), device=device)
+    train_ldm(ldm, train.images[:n], train.captions[:n], TrainingConfig(
+        steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3, max_minutes=pick(ci=0.3, cpu=5.0),
+        device=device))
     ldm.save(path)
     return ldm
 

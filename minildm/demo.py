@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import viz
+from . import distributed, viz
 from .atomic import atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
 from .ldm import LatentDiffusion
@@ -29,7 +29,7 @@ from .metrics import ShapesChecker
 from .schedule import NoiseSchedule
 from .shapes import HELD_OUT, ShapesDataset, evaluation_prompts
 from .text import TextEncoder
-from .train import pick_device, train_autoencoder, train_ldm
+from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
 
 
@@ -112,15 +112,22 @@ def evaluate_adherence(ldm: LatentDiffusion, checker: ShapesChecker, guidance_sc
 
 
 def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = None,
-             device: str | None = None, progress: bool = True) -> dict:
+             device: str | None = None, progress: bool = True) -> dict | None:
+    """Run the demo and return report.json's contents. Under torchrun every process trains, and rank 0 alone
+    samples and writes `out` (the others return None)."""
     config = config if config is not None else DemoConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device)
+    device = distributed.pick_device(device)
+    rank, world_size = distributed.setup(device)
+    progress = progress and rank == 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     timings = {}
     say = print if progress else (lambda *a, **k: None)
-    say(f"minildm demo on {device} ({torch.get_num_threads()} threads), budget {config.minutes} min -> {out}")
+    processes = f", {world_size} processes" if world_size > 1 else ""
+    say(f"minildm demo on {device} ({torch.get_num_threads()} threads{processes}), budget {config.minutes} min "
+        f"-> {out}")
 
     start = time.perf_counter()
     dataset = ShapesDataset(config.image_size, config.num_images, config.seed, "train", progress=progress)
@@ -130,20 +137,22 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
     say(f"stage 1: autoencoder, f={autoencoder.config.downsampling_factor}, "
         f"{sum(p.numel() for p in autoencoder.parameters()) / 1e3:.0f}k parameters")
     t = time.perf_counter()
-    ae_history = train_autoencoder(autoencoder, dataset.images, config.ae_steps, config.ae_batch_size,
-                                   config.ae_lr, max_minutes=config.minutes * config.ae_share, device=device,
-                                   seed=config.seed, progress=progress)
+    ae_history = train_autoencoder(autoencoder, dataset.images, TrainingConfig.for_autoencoder(
+        steps=config.ae_steps, batch_size=config.ae_batch_size, lr=config.ae_lr,
+        max_minutes=config.minutes * config.ae_share, device=device, seed=config.seed, progress=progress))
     timings["autoencoder_s"] = time.perf_counter() - t
 
     ldm = build_model(config, autoencoder, dataset.captions)
-    say(f"stage 2: latent diffusion, UNet {sum(p.numel() for p in ldm.unet.parameters()) / 1e3:.0f}k + text "
-        f"encoder {sum(p.numel() for p in ldm.text_encoder.parameters()) / 1e3:.0f}k parameters, latents "
-        f"{ldm.latent_shape}, scaling factor {ldm.autoencoder.scaling_factor:.3f}")
+    say(f"stage 2: latent diffusion, UNet {sum(p.numel() for p in ldm.backbone.parameters()) / 1e3:.0f}k + text "
+        f"encoder {sum(p.numel() for p in ldm.conditioner.parameters()) / 1e3:.0f}k parameters, latents "
+        f"{ldm.latent_shape()}, scaling factor {ldm.first_stage.scaling_factor:.3f}")
     t = time.perf_counter()
-    ldm_history = train_ldm(ldm, dataset.images, dataset.captions, config.ldm_steps, config.ldm_batch_size,
-                            config.ldm_lr, config.ema_decay, max_minutes=config.minutes * config.ldm_share,
-                            device=device, seed=config.seed, progress=progress)
+    ldm_history = train_ldm(ldm, dataset.images, dataset.captions, TrainingConfig(
+        steps=config.ldm_steps, batch_size=config.ldm_batch_size, lr=config.ldm_lr, ema_decay=config.ema_decay,
+        max_minutes=config.minutes * config.ldm_share, device=device, seed=config.seed, progress=progress))
     timings["ldm_s"] = time.perf_counter() - t
+    if rank != 0:  # under torchrun the other ranks only train; rank 0 samples and writes
+        return None
 
     say("stage 3: sampling every attribute combination and reading the samples back")
     t = time.perf_counter()
@@ -171,11 +180,12 @@ def run_demo(out: str | os.PathLike = "demo_out", config: DemoConfig | None = No
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "autoencoder": {"steps": ae_history["steps"][0],
                         "final_l1": sum(ae_history["reconstruction"][-50:]) / len(ae_history["reconstruction"][-50:]),
-                        "scaling_factor": ldm.autoencoder.scaling_factor},
+                        "scaling_factor": ldm.first_stage.scaling_factor},
         "ldm": {"steps": ldm_history["steps"][0], "final_loss": sum(ldm_history["loss"][-100:]) /
                 len(ldm_history["loss"][-100:])},
         "config": asdict(config),
-        "machine": {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": {"device": str(device), "processes": world_size, "torch_threads": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "torch": torch.__version__},
     }
     atomic_write_json(out / "report.json", report)

@@ -1,17 +1,21 @@
-"""Training loops for the two stages: the autoencoder first, then the latent diffusion model.
+"""Training loops for the two stages: the first stage (the autoencoder), then the latent diffusion model.
 
-Both loops are plain PyTorch: random batches drawn with a seeded `torch.Generator`, AdamW, gradient
-clipping, a cosine learning-rate decay over the run, an exponential moving average (EMA) of the
-weights for sampling, a tqdm progress bar, and a wall-clock budget (`max_minutes`) so a run fits a
-lesson. On a GPU they use bf16 autocast. `checkpoint_dir` saves the full training state (weights,
-EMA, optimizer, step, random-number state) every `checkpoint_every` steps, and `resume=True` picks it
-up again (training_state.py). Everything is safetensors + JSON (checkpoint.py). A step whose loss or
-gradient is not finite stops the run before it changes anything, naming the step and the tensor (or, with
-nan_policy="skip", is left out and counted).
+Both run one plain PyTorch loop, `_run`, set by a TrainingConfig: random batches drawn with a seeded
+`torch.Generator`, AdamW, gradient clipping (clip_grad_norm_'s rule), a learning rate warmed up and then
+decayed on a cosine, an exponential moving average of the weights (ema.py), a tqdm progress bar, and a
+wall-clock budget (`max_minutes`) so a run fits a lesson. On a GPU a float32 model trains under bf16
+autocast; a bf16 or fp16 model trains in its own dtype. `checkpoint_dir` saves the full training state
+every `checkpoint_every` steps and `resume=True` picks it up again, bit for bit (training_state.py).
+A step whose loss or gradient is not finite stops the run before it changes anything, naming the step
+and the tensor (or, with nan_policy="skip", is left out and counted).
 
-Stage two trains on precomputed latents: the autoencoder is frozen, so each image is encoded once
-(its posterior mean and std kept), and every step draws z = mean + std · ε from them, scaled by the
-scaling factor. That makes a latent training step cost a UNet call, nothing more.
+Under torchrun the same loop trains on several processes (distributed.py): every rank draws the whole
+batch's randomness from the same generator and trains on its slice, DistributedDataParallel averages
+the gradients, and only rank 0 writes checkpoints and runs the callback.
+
+Stage two trains on precomputed latents: the first stage is frozen, so each image is encoded once (its
+posterior mean and std kept), and every step draws z = mean + std · ε from them, scaled by the scaling
+factor. That makes a latent training step cost a backbone call, nothing more.
 """
 
 from __future__ import annotations
@@ -20,50 +24,74 @@ import math
 import numbers
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import readable_directory
 from .autoencoder import AutoencoderKL
+from .checks import check_images, explain_missing_kernels
 from .discriminator import PatchDiscriminator, generator_loss, hinge_discriminator_loss
+from .distributed import pick_device
+from .ema import EMAModel
 from .ldm import LatentDiffusion
-from .training_state import load_training_state, save_training_state
+from .training_state import TrainingState, load_training_state, save_training_state
+
+NAN_POLICIES = ("raise", "skip")
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` if given, else CUDA, then Apple's MPS, then the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass
+class TrainingConfig:
+    """How a training loop runs. The loss's own settings stay with the stage (train_autoencoder's kl_weight,
+    train_ldm's caption_dropout). `TrainingConfig()` holds the LDM's defaults, `for_autoencoder()` the
+    autoencoder's. Raises ValueError for a setting out of range."""
 
+    steps: int = 5000  # an upper bound when max_minutes is set
+    batch_size: int = 64  # the whole batch, over all processes
+    lr: float = 1e-3  # AdamW's peak learning rate (cosine_lr)
+    ema_decay: float = 0.999  # of the weights' moving average, copied into the model at the end; 0 = none
+    grad_clip: float = 1.0  # the gradients' global L2 norm is scaled down to at most this
+    max_minutes: float | None = None  # wall-clock budget for training (callbacks not counted)
+    checkpoint_dir: str | os.PathLike | None = None  # the full training state is saved here ...
+    checkpoint_every: int | None = None  # ... every this many steps, and at the end
+    resume: bool = False  # continue from checkpoint_dir's state when there is one
+    nan_policy: str = "raise"  # "raise": stop at a non-finite loss or gradient; "skip": leave the step out
+    callback_every: int | None = None  # train's callback(step) runs every this many steps
+    device: str | torch.device | None = None  # None: distributed.pick_device()
+    seed: int = 0  # of the batches, t, ε and caption dropout
+    progress: bool = True  # a tqdm bar
 
-class EMA:
-    """θ_ema <- d θ_ema + (1 - d) θ, with d warmed up as min(decay, (1 + n) / (10 + n)) so short runs benefit."""
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("checkpoint_every", "callback_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.ema_decay, numbers.Real) or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
+        if self.max_minutes is not None and (not isinstance(self.max_minutes, numbers.Real)
+                                             or not self.max_minutes > 0):
+            raise ValueError(f"max_minutes must be None or a positive number, got {self.max_minutes!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
-    def __init__(self, parameters: list[nn.Parameter], decay: float = 0.999):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.num_updates = 0
-        self.shadow = [p.detach().clone() for p in parameters]
-
-    @torch.no_grad()
-    def update(self, parameters: list[nn.Parameter]) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for s, p in zip(self.shadow, parameters):
-            s.lerp_(p.detach(), 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, parameters: list[nn.Parameter]) -> None:
-        for s, p in zip(self.shadow, parameters):
-            p.copy_(s)
+    @classmethod
+    def for_autoencoder(cls, **changes) -> TrainingConfig:
+        """The autoencoder's defaults: 2000 steps of batch 32, no EMA; `changes` as keyword arguments."""
+        return cls(**{"steps": 2000, "batch_size": 32, "ema_decay": 0.0, **changes})
 
 
 def cosine_lr(base_lr: float, progress: float, warmup: float = 0.02) -> float:
@@ -76,80 +104,98 @@ def cosine_lr(base_lr: float, progress: float, warmup: float = 0.02) -> float:
 
 # ---- the loop both stages share ------------------------------------------------------------------------------
 
-NAN_POLICIES = ("raise", "skip")
+
+class _Objective(nn.Module):
+    """The modules one optimizer trains, with the stage's loss as forward(): what DistributedDataParallel wraps,
+    so that it sees their parameters and averages their gradients in backward."""
+
+    def __init__(self, trained: dict[str, nn.Module], loss_fn):
+        super().__init__()
+        self.trained = nn.ModuleDict(trained)
+        self.loss_fn = loss_fn
+
+    def forward(self, generator: torch.Generator, step: int):
+        return self.loss_fn(generator, step)
 
 
-def _check_training_arguments(steps, batch_size, lr, grad_clip, max_minutes, checkpoint_every, callback_every,
-                              nan_policy) -> None:
-    """The settings both training functions share, checked before any work starts."""
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("callback_every", callback_every)):
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-    for name, value in (("lr", lr), ("grad_clip", grad_clip)):
-        if not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if max_minutes is not None and (not isinstance(max_minutes, numbers.Real) or not max_minutes > 0):
-        raise ValueError(f"max_minutes must be None or a positive number, got {max_minutes!r}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+def _gradient_norm(parameters) -> torch.Tensor:
+    """The L2 norm of all the gradients of `parameters` together, as a 0-d tensor (no sync)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
-def _check_images(images, channels: int) -> None:
-    if not torch.is_tensor(images):
-        raise TypeError(f"images must be a tensor (N, {channels}, H, W), got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != channels or len(images) == 0:
-        raise ValueError(f"images must have shape (N, {channels}, H, W) with N >= 1, got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+def _first_non_finite(modules: dict[str, nn.Module]) -> str | None:
+    """The first gradient of `modules` that holds a NaN or an infinity, by name (the rare path)."""
+    for module_name, module in modules.items():
+        for name, p in module.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"the gradient of {module_name}.{name} is {p.grad.norm().item()}"
+    return None
 
 
-def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, ema, device, seed,
-         checkpoint_dir, checkpoint_every, resume, callback, callback_every, progress, nan_policy="raise",
-         extra_optimizers=None):
-    """One optimisation loop. `loss_fn(generator, step) -> (loss, parts, extra_losses)` gives each step's loss
-    for `parameters`, the parts to log, and a loss for each of `extra_optimizers` (by name) that trains now."""
-    extra_optimizers = extra_optimizers if extra_optimizers is not None else {}
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    parameter_names = {id(p): f"{module_name}.{n}" for module_name, module in modules.items()
-                       for n, p in module.named_parameters()}
+def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConfig, device: torch.device,
+         callback=None, extra_learners: dict[str, tuple[nn.Module, torch.optim.Optimizer]] | None = None):
+    """One optimisation loop. AdamW trains the parameters of `trained` (name -> module) on
+    `loss_fn(generator, step) -> (loss, parts, extra_losses)`: the step's loss on this rank's slice of the
+    batch, its parts to log, and a loss for each of `extra_learners` (name -> (module, its own optimizer),
+    the discriminator) that trains at this step. Returns the history."""
+    extra_learners = extra_learners if extra_learners is not None else {}
+    rank, world_size = distributed.world()
+    objective = _Objective(trained, loss_fn)
+    model = DistributedDataParallel(objective) if world_size > 1 else objective
+    model_parameters = [p for p in objective.parameters() if p.requires_grad]
+    # A bf16 or fp16 model computes in its dtype, but the optimizer steps float32 copies of its weights (mixed
+    # precision, Micikevicius et al. 2018, arXiv:1710.03740): bf16 keeps 8 bits of mantissa, so most updates
+    # of a weight (lr 1e-3 times Adam's ~1) would round away, and AdamW's eps of 1e-8 is 0 in fp16 (0/0 = NaN).
+    half = model_parameters[0].dtype in (torch.float16, torch.bfloat16)
+    parameters = [p.detach().float().requires_grad_(True) for p in model_parameters] if half else model_parameters
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    ema = EMAModel(parameters, config.ema_decay) if config.ema_decay > 0 else None
+    extra_optimizers = {key: learner_optimizer for key, (_, learner_optimizer) in extra_learners.items()}
+    saved = {**trained, **{key: module for key, (module, _) in extra_learners.items()}}
+    state = TrainingState(saved, optimizer, generator, ema, extra_optimizers, parameters if half else None)
     history: dict[str, list[float]] = {"loss": []}
     step = 0
-    if resume and checkpoint_dir is not None and (readable_directory(checkpoint_dir) / "trainer.json").is_file():
-        step, history = load_training_state(checkpoint_dir, modules, optimizer, ema, generator, extra_optimizers)
+    checkpoint_dir = config.checkpoint_dir
+    if config.resume and checkpoint_dir is not None and (readable_directory(checkpoint_dir) / "trainer.json").is_file():
+        step, history = load_training_state(checkpoint_dir, state)
     saved_step = step if step > 0 else None  # the step of the checkpoint on disk, named if a step goes wrong
     history.setdefault("skipped_steps", [])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    budget = max_minutes * 60 if max_minutes is not None else math.inf
-    start = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=name, disable=not progress)
-    while step < steps:
-        elapsed = time.perf_counter() - start
-        if elapsed > budget:
-            break
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and not half)
+    budget = config.max_minutes * 60 if config.max_minutes is not None else math.inf
+    start, elapsed = time.perf_counter(), 0.0  # elapsed: training time so far, agreed by all ranks each step
+    bar = tqdm(total=config.steps, initial=step, desc=name, disable=not (config.progress and rank == 0))
+    while step < config.steps and elapsed <= budget:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, max(step / steps, elapsed / budget))
+            group["lr"] = cosine_lr(config.lr, max(step / config.steps, elapsed / budget))
         with autocast:
-            loss, parts, extra_losses = loss_fn(generator, step)
-        # Each loss fills the gradients of its own optimizer's parameters only (`inputs=`): the autoencoder's
-        # adversarial term must not train the discriminator. Every loss and every gradient's norm is checked.
-        learners = [("loss", optimizer, loss)]
-        learners += [(f"{key} loss", extra_optimizers[key], extra_loss) for key, extra_loss in extra_losses.items()]
-        checks: dict[str, torch.Tensor] = {}
-        for label, learner, learner_loss in learners:
-            learner_parameters = [p for group in learner.param_groups for p in group["params"]]
-            learner.zero_grad(set_to_none=True)
-            learner_loss.backward(inputs=learner_parameters)
-            checks[f"the {label}"] = learner_loss
-            checks.update({f"the gradient of {parameter_names[id(p)]}": p.grad.norm()
-                           for p in learner_parameters if p.grad is not None})
-        values = torch.stack([v.detach().float() for v in [*checks.values(), *parts.values()]]).tolist()  # one sync
+            loss, parts, extra_losses = model(generator, step)
+        # Each loss fills the gradients of its own learner's parameters only (`inputs=`): the autoencoder's
+        # adversarial term must not train the discriminator.
+        objective.zero_grad(set_to_none=True)  # the model's gradients (the float copies get theirs assigned)
+        loss.backward(inputs=model_parameters)  # under DDP, the gradients are averaged over the ranks here
+        if half:
+            for copy, p in zip(parameters, model_parameters):
+                copy.grad = p.grad.float() if p.grad is not None else None
+        checks = {"the loss": loss.detach(), "the gradient norm": _gradient_norm(parameters)}
+        for key, extra_loss in extra_losses.items():  # the learners that train at this step
+            learner_parameters = list(extra_learners[key][0].parameters())
+            extra_optimizers[key].zero_grad(set_to_none=True)
+            extra_loss.backward(inputs=learner_parameters)
+            distributed.average_gradients(learner_parameters)  # a second backward: outside DDP's bookkeeping
+            checks[f"the {key} loss"] = extra_loss.detach()
+            checks[f"the {key} gradient norm"] = _gradient_norm(learner_parameters)
+        # One sync per step: every value averaged over the ranks, so all of them decide and log alike.
+        clock = torch.tensor([time.perf_counter() - start], device=loss.device)
+        values = distributed.average(torch.cat([torch.stack([v.float() for v in (*checks.values(), *parts.values())]),
+                                                clock])).tolist()
+        elapsed = values.pop()
         problem = next((f"{label} is {v}" for label, v in zip(checks, values) if not math.isfinite(v)), None)
         if problem is not None:
-            if nan_policy == "raise":
+            if "gradient" in problem:  # name the tensor to blame
+                problem = _first_non_finite(saved) or problem
+            if config.nan_policy == "raise":
                 bar.close()
                 kept = "" if checkpoint_dir is None else (
                     f"; {checkpoint_dir} keeps the checkpoint of step {saved_step}" if saved_step is not None
@@ -161,85 +207,93 @@ def _run(name, loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, 
             bar.update(1)
             bar.set_postfix(skipped=len(history["skipped_steps"]))
             continue
-        # Gradient clipping, as clip_grad_norm_ does it: scale the gradients so that their joint L2 norm is at
-        # most grad_clip. The norms of `parameters`' gradients follow the loss in `values`.
-        gradient_norms = values[1 : 1 + sum(p.grad is not None for p in parameters)]
-        total_norm = math.sqrt(sum(norm * norm for norm in gradient_norms))
-        if total_norm > grad_clip:
-            for p in parameters:
-                if p.grad is not None:
-                    p.grad.mul_(grad_clip / (total_norm + 1e-6))
-        for _, learner, _ in learners:
-            learner.step()
+        torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, checks["the gradient norm"])
+        optimizer.step()
+        if half:
+            with torch.no_grad():
+                for copy, p in zip(parameters, model_parameters):
+                    p.copy_(copy)  # back into the model's dtype
+        for key in extra_losses:
+            extra_optimizers[key].step()
         if ema is not None:
-            ema.update(parameters)
+            ema.step(parameters)
         step += 1
-        loss_value = values[0]
-        history["loss"].append(loss_value)
-        for key, value in zip(parts, values[len(checks) :]):
+        history["loss"].append(values[0])
+        for key, value in zip(parts, values[len(checks):]):
             history.setdefault(key, []).append(value)
         bar.update(1)
-        postfix = {"loss": f"{loss_value:.4f}"}
+        postfix = {"loss": f"{values[0]:.4f}"}
         if budget < math.inf:  # with a time budget, the step count is only an upper bound: show the time left
             postfix["left"] = f"{max(0.0, budget - elapsed) / 60:.1f} min"
         if history["skipped_steps"]:
             postfix["skipped"] = len(history["skipped_steps"])
         bar.set_postfix(postfix)
-        if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0:
-            save_training_state(checkpoint_dir, modules, optimizer, ema, generator, step, history, extra_optimizers)
+        if checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            if rank == 0:
+                save_training_state(checkpoint_dir, state, step, history)
             saved_step = step
-        if callback is not None and callback_every and step % callback_every == 0:
+        if callback is not None and config.callback_every and step % config.callback_every == 0:
             began = time.perf_counter()
-            callback(step)
+            if rank == 0:
+                callback(step)
+            distributed.barrier()  # the other ranks wait for rank 0's callback
             start += time.perf_counter() - began  # the budget is for training: time in callbacks is not counted
     bar.close()
     history["seconds"] = [time.perf_counter() - start]
     history["steps"] = [step]
-    if checkpoint_dir is not None:
-        save_training_state(checkpoint_dir, modules, optimizer, ema, generator, step, history, extra_optimizers)
+    if checkpoint_dir is not None and rank == 0:
+        save_training_state(checkpoint_dir, state, step, history)
+    if ema is not None:
+        ema.copy_to(model_parameters)  # the averaged weights sample better; the checkpoint keeps the raw ones
     return history
+
+
+def _check_config(config, default: TrainingConfig) -> TrainingConfig:
+    if config is None:
+        return default
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a TrainingConfig or None, got {type(config).__name__}")
+    return config
+
+
+def _start(config: TrainingConfig) -> tuple[torch.device, slice]:
+    """The device, joined to torchrun's process group when there is one, and this rank's part of a batch."""
+    device = pick_device(config.device)
+    distributed.setup(device)
+    return device, distributed.rank_slice(config.batch_size)
+
+
+# ---- the two stages ------------------------------------------------------------------------------------------
 
 
 def train_autoencoder(
     autoencoder: AutoencoderKL,
     images: torch.Tensor,
-    steps: int = 2000,
-    batch_size: int = 32,
-    lr: float = 1e-3,
+    config: TrainingConfig | None = None,
+    *,
     kl_weight: float = 1e-6,
-    max_minutes: float | None = None,
-    grad_clip: float = 1.0,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
     discriminator: PatchDiscriminator | None = None,
     discriminator_weight: float = 0.1,
     discriminator_start: int = 0,
     callback=None,
-    callback_every: int | None = None,
-    progress: bool = True,
-    nan_policy: str = "raise",
 ) -> dict[str, list[float]]:
     """Train the autoencoder on images (N, C, H, W) in [-1, 1]; then estimate its scaling factor.
 
-    With a `discriminator` (discriminator.py), from step `discriminator_start` on each step also trains
-    it on real vs reconstructed images and adds `discriminator_weight` times the adversarial loss. Its
-    weights and its optimizer are checkpointed too, so resume stays bit-exact.
-
-    A NaN or infinite loss or gradient stops training with a FloatingPointError that names the step and
-    the tensor (`nan_policy="raise"`), before the bad step changes anything; `nan_policy="skip"` leaves
-    that step out and goes on, listing it in history["skipped_steps"].
+    config: how the loop runs (TrainingConfig.for_autoencoder() when None).
+    kl_weight: the KL term's weight (autoencoder.training_loss).
+    discriminator: a PatchDiscriminator (discriminator.py); from step `discriminator_start` on, each step
+        also trains it on real vs reconstructed images and adds `discriminator_weight` times the adversarial
+        loss. Its weights and its optimizer are checkpointed too, so resume stays bit-exact.
+    callback(step) runs every config.callback_every steps (on rank 0).
 
     Returns the history: per-step "loss", "reconstruction" (L1) and "kl" (and "discriminator",
-    "adversarial" once the discriminator is on), plus "skipped_steps", "seconds" and "steps".
+    "adversarial" once the discriminator is on), plus "skipped_steps", "seconds" and "steps". Raises
+    TypeError / ValueError for arguments of the wrong kind, FloatingPointError for a non-finite step.
     """
+    config = _check_config(config, TrainingConfig.for_autoencoder())
     if not isinstance(autoencoder, AutoencoderKL):
         raise TypeError(f"autoencoder must be an AutoencoderKL, got {type(autoencoder).__name__}")
-    _check_images(images, autoencoder.config.in_channels)
-    _check_training_arguments(steps, batch_size, lr, grad_clip, max_minutes, checkpoint_every, callback_every,
-                              nan_policy)
+    check_images(images, "images", autoencoder.in_channels, autoencoder.downsampling_factor)
     if not isinstance(kl_weight, numbers.Real) or not 0 <= kl_weight < math.inf:
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
     if discriminator is not None and not isinstance(discriminator, PatchDiscriminator):
@@ -248,47 +302,52 @@ def train_autoencoder(
         raise ValueError(f"discriminator_weight must be a finite number >= 0, got {discriminator_weight!r}")
     if not isinstance(discriminator_start, numbers.Integral) or discriminator_start < 0:
         raise ValueError(f"discriminator_start must be an integer >= 0, got {discriminator_start!r}")
-    device = pick_device(device)
+    device, mine = _start(config)
     autoencoder.to(device).train().requires_grad_(True)  # a LatentDiffusion freezes it; here it learns
-    parameters = list(autoencoder.parameters())
-    modules: dict[str, nn.Module] = {"autoencoder": autoencoder}
-    extra_optimizers = {}
+    dtype = next(autoencoder.parameters()).dtype  # float32 images are cast to a bf16 / fp16 model's dtype
+    latent_shape = (config.batch_size, autoencoder.latent_channels,
+                    *(size // autoencoder.downsampling_factor for size in images.shape[2:]))
+    extra_learners = {}
     if discriminator is not None:
         discriminator.to(device).train()
-        modules["discriminator"] = discriminator
-        extra_optimizers["discriminator"] = torch.optim.AdamW(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        extra_learners["discriminator"] = (discriminator, torch.optim.AdamW(discriminator.parameters(), lr=config.lr,
+                                                                            betas=(0.5, 0.9)))
+
+    def judge(images):
+        """The discriminator's patch logits, in its own dtype (a bf16 autoencoder may meet a float32 one)."""
+        return discriminator(images.to(next(discriminator.parameters()).dtype))
 
     def loss_fn(generator, step):
-        idx = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x = images[idx].to(device)
-        loss, reconstruction, parts = autoencoder.training_loss(x, kl_weight, generator=generator)
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)  # the whole batch ...
+        noise = torch.randn(latent_shape, generator=generator)  # ... and its ε for z = μ + σ ε
+        x = images[idx[mine]].to(device, dtype)  # ... of which this rank trains on its slice
+        loss, reconstruction, parts = autoencoder.training_loss(x, kl_weight, noise=noise[mine].to(device))
         if discriminator is None or step < discriminator_start:
             return loss, parts, {}
         # Both terms see the discriminator as it is before this step's update (the order CompVis uses); its own
         # hinge loss sees the reconstruction detached, so it trains the discriminator alone.
-        g_loss = generator_loss(discriminator(reconstruction))
-        d_loss = hinge_discriminator_loss(discriminator(x), discriminator(reconstruction.detach()))
+        g_loss = generator_loss(judge(reconstruction))
+        d_loss = hinge_discriminator_loss(judge(x), judge(reconstruction.detach()))
         parts = {**parts, "discriminator": d_loss.detach(), "adversarial": g_loss.detach()}
         return loss + discriminator_weight * g_loss, parts, {"discriminator": d_loss}
 
-    history = _run("autoencoder", loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, None, device,
-                   seed, checkpoint_dir, checkpoint_every, resume, callback, callback_every, progress, nan_policy,
-                   extra_optimizers)
+    with explain_missing_kernels(device, dtype):
+        history = _run("autoencoder", {"autoencoder": autoencoder}, loss_fn, config, device, callback, extra_learners)
     autoencoder.eval()
-    autoencoder.estimate_scaling_factor(images[:2048].to(device))
+    # Every rank estimates the same factor: the same images and the same seeded posterior samples.
+    autoencoder.estimate_scaling_factor(images[:2048].to(device, dtype),
+                                        generator=torch.Generator().manual_seed(config.seed))
     return history
 
 
 @torch.no_grad()
 def encode_dataset(ldm: LatentDiffusion, images: torch.Tensor, batch_size: int = 256):
-    """Posterior mean and std (N, c, h, w) of every image, computed once for the frozen autoencoder."""
-    if ldm.autoencoder is None:  # pixel space: z_0 = x exactly
-        images = images.to(ldm.device)
-        return images, torch.zeros_like(images)
-    ldm.autoencoder.eval()
+    """Posterior mean and std (N, c, h, w) of every image under the frozen first stage, computed once."""
+    ldm.first_stage.eval()
+    dtype = next(ldm.first_stage.parameters(), images).dtype  # PixelSpace has no weights: the images' dtype
     means, stds = [], []
     for i in range(0, len(images), batch_size):
-        posterior = ldm.autoencoder.encode(images[i : i + batch_size].to(ldm.device))
+        posterior = ldm.first_stage.encode(images[i : i + batch_size].to(ldm.device, dtype))
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -298,63 +357,56 @@ def train_ldm(
     ldm: LatentDiffusion,
     images: torch.Tensor,
     captions: list[str],
-    steps: int = 5000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    ema_decay: float = 0.999,
+    config: TrainingConfig | None = None,
+    *,
     caption_dropout: float = 0.1,
-    max_minutes: float | None = None,
-    grad_clip: float = 1.0,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
     callback=None,
-    callback_every: int | None = None,
-    progress: bool = True,
-    nan_policy: str = "raise",
 ) -> dict[str, list[float]]:
-    """Train the UNet and the text encoder on (image, caption) pairs; the autoencoder stays frozen.
+    """Train the backbone and the conditioner on (image, caption) pairs; the first stage stays frozen.
 
-    At the end the EMA weights are copied into the model (they sample better). `callback(step)` runs
-    every `callback_every` steps, e.g. to draw samples; its time counts neither against `max_minutes` nor
-    in the history's "seconds". `nan_policy` as in train_autoencoder.
+    images (N, C, H, W) in [-1, 1], H and W multiples of the first stage's factor; captions, N strings.
+    config: how the loop runs (TrainingConfig() when None). caption_dropout: the probability that a caption
+    is replaced by the null condition, so the model also learns the unconditional prediction for guidance.
+    At the end the EMA weights are copied into the model (they sample better). `callback(step)` runs every
+    config.callback_every steps, e.g. to draw samples; its time counts neither against max_minutes nor in
+    the history's "seconds". Warns once about caption words the conditioner cannot use.
+
+    Returns the history ("loss" per step, "skipped_steps", "seconds", "steps"). Raises TypeError /
+    ValueError for arguments of the wrong kind, FloatingPointError for a non-finite step.
     """
+    config = _check_config(config, TrainingConfig())
     if not isinstance(ldm, LatentDiffusion):
         raise TypeError(f"ldm must be a LatentDiffusion, got {type(ldm).__name__}")
-    channels = ldm.autoencoder.config.in_channels if ldm.autoencoder is not None else ldm.unet.config.in_channels
-    _check_images(images, channels)
+    check_images(images, "images", ldm.first_stage.in_channels, ldm.first_stage.downsampling_factor)
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
     if len(images) != len(captions):
         raise ValueError(f"captions must have one entry per image: got {len(images)} images but "
                          f"{len(captions)} captions")
-    _check_training_arguments(steps, batch_size, lr, grad_clip, max_minutes, checkpoint_every, callback_every,
-                              nan_policy)
-    if not isinstance(ema_decay, numbers.Real) or not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay!r}")
-    device = pick_device(device)
+    if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
+    device, mine = _start(config)
+    if distributed.is_main_process():
+        ldm.warn_ignored_words(captions, what="training captions")
     ldm.to(device)
     means, stds = encode_dataset(ldm, images)
-    scale = ldm.autoencoder.scaling_factor if ldm.autoencoder is not None else 1.0
-    ldm.unet.train()
-    ldm.text_encoder.train()
-    parameters = [p for p in [*ldm.unet.parameters(), *ldm.text_encoder.parameters()] if p.requires_grad]
-    ema = EMA(parameters, ema_decay) if ema_decay > 0 else None
+    scale = ldm.first_stage.scaling_factor
+    ldm.backbone.train()
+    ldm.conditioner.train()
+    shape = (config.batch_size, *means.shape[1:])
 
     def loss_fn(generator, step):
-        idx = torch.randint(0, len(means), (batch_size,), generator=generator)
-        noise = torch.randn(means[idx].shape, generator=generator).to(device)
-        latents = (means[idx] + stds[idx] * noise) * scale  # z_0 = scaling_factor · (μ + σ ε)
-        loss = ldm.latent_training_loss(latents, [captions[i] for i in idx.tolist()], caption_dropout, generator)
+        idx = torch.randint(0, len(means), (config.batch_size,), generator=generator)  # the whole batch ...
+        posterior_noise = torch.randn(shape, generator=generator)
+        timesteps, noise, dropped = ldm.draw_training_noise(shape, caption_dropout, generator)
+        idx, posterior_noise = idx[mine], posterior_noise[mine].to(device)  # ... of which this rank trains its slice
+        latents = (means[idx] + stds[idx] * posterior_noise) * scale  # z_0 = scaling_factor · (μ + σ ε)
+        loss = ldm.diffusion_loss(latents, [captions[i] for i in idx.tolist()], timesteps[mine], noise[mine],
+                                  dropped[mine])
         return loss, {}, {}
 
-    modules = {"unet": ldm.unet, "text_encoder": ldm.text_encoder}
-    history = _run("latent diffusion", loss_fn, parameters, modules, steps, lr, max_minutes, grad_clip, ema,
-                   device, seed, checkpoint_dir, checkpoint_every, resume, callback, callback_every, progress,
-                   nan_policy)
-    if ema is not None:
-        ema.copy_to(parameters)
+    with explain_missing_kernels(device, ldm.dtype):
+        history = _run("latent diffusion", {"backbone": ldm.backbone, "conditioner": ldm.conditioner}, loss_fn,
+                       config, device, callback)
     ldm.eval()
     return history

@@ -1,24 +1,40 @@
 """A training run's full state on disk, so that a run resumed from it continues bit for bit.
 
-save_training_state writes one folder, replaced as a whole (checkpoint.atomic_directory): each module's
-weights, the EMA's shadow weights, the optimizers' moments with the step's random-number state
-(optimizer.safetensors, NAME_optimizer.safetensors for extra ones such as the discriminator's), and
-trainer.json with the step, the optimizers' param_groups and the loss history. load_training_state reads it
-back into the same objects. Everything is safetensors + JSON, never pickle (checkpoint.py).
+save_training_state writes one folder, replaced as a whole (atomic.atomic_directory):
+
+    NAME.safetensors             each module's weights (autoencoder, discriminator, or backbone, conditioner)
+    ema.safetensors              the EMA's shadow weights (its decay and update count go to trainer.json)
+    float_copies.safetensors     the float32 copies the optimizer steps, for a bf16 / fp16 model (train.py)
+    optimizer.safetensors        AdamW's moments, and the random-number generator's state after the step
+    NAME_optimizer.safetensors   the moments of an extra optimizer (the discriminator's)
+    trainer.json                 the step, the optimizers' param_groups, the EMA's counters, the loss history
+
+load_training_state reads it back into the same objects. Everything is safetensors + JSON, never pickle
+(checkpoint.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
 from .checkpoint import load_module_weights, load_weights, save_weights
+from .ema import EMAModel
 
-if TYPE_CHECKING:
-    from .train import EMA
+
+@dataclass
+class TrainingState:
+    """The objects a training loop changes, all of which a checkpoint holds."""
+
+    modules: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    ema: EMAModel | None = None
+    extra_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    float_copies: list[torch.Tensor] | None = None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -35,48 +51,55 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_training_state(directory, modules: dict[str, nn.Module], optimizer, ema: EMA | None,
-                        generator: torch.Generator, step: int, history: dict,
-                        extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
-    """Everything needed to continue bit for bit: weights, EMA, optimizer moments, step, RNG state.
+def _numbered(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {str(i): t for i, t in enumerate(tensors)}
 
-    `extra_optimizers` (the discriminator's) are saved as NAME_optimizer.safetensors. The folder is
-    replaced as a whole (checkpoint.atomic_directory): a crash leaves the previous checkpoint or this one.
-    """
-    extra_optimizers = extra_optimizers if extra_optimizers is not None else {}
+
+def save_training_state(directory, state: TrainingState, step: int, history: dict) -> None:
+    """Everything needed to continue bit for bit, after `step` steps. The folder is replaced as a whole
+    (atomic.atomic_directory): a crash leaves the previous checkpoint or this one."""
     with atomic_directory(directory) as folder:
-        for name, module in modules.items():
+        for name, module in state.modules.items():
             save_weights(module.state_dict(), folder / f"{name}.safetensors")
-        if ema is not None:
-            save_weights({str(i): s for i, s in enumerate(ema.shadow)}, folder / "ema.safetensors")
-        tensors = _optimizer_tensors(optimizer)
-        tensors["rng"] = generator.get_state()
+        ema_state = state.ema.state_dict() if state.ema is not None else None
+        if ema_state is not None:
+            save_weights(_numbered(ema_state.pop("shadow_params")), folder / "ema.safetensors")
+        if state.float_copies is not None:
+            save_weights(_numbered(state.float_copies), folder / "float_copies.safetensors")
+        tensors = _optimizer_tensors(state.optimizer)
+        tensors["rng"] = state.generator.get_state()
         save_weights(tensors, folder / "optimizer.safetensors")
-        for name, extra in extra_optimizers.items():
+        for name, extra in state.extra_optimizers.items():
             save_weights(_optimizer_tensors(extra), folder / f"{name}_optimizer.safetensors")
-        extra_param_groups = {name: extra.state_dict()["param_groups"] for name, extra in extra_optimizers.items()}
         atomic_write_json(folder / "trainer.json", {
-            "step": step, "param_groups": optimizer.state_dict()["param_groups"],
-            "extra_param_groups": extra_param_groups, "ema_updates": ema.num_updates if ema else 0, "history": history,
+            "step": step, "param_groups": state.optimizer.state_dict()["param_groups"],
+            "extra_param_groups": {name: extra.state_dict()["param_groups"]
+                                   for name, extra in state.extra_optimizers.items()},
+            "ema": ema_state, "history": history,
         })
 
 
-def load_training_state(directory, modules: dict[str, nn.Module], optimizer, ema: EMA | None,
-                        generator: torch.Generator,
-                        extra_optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[int, dict]:
-    """Restore what save_training_state wrote into the given objects; returns (step, history)."""
+def load_training_state(directory, state: TrainingState) -> tuple[int, dict]:
+    """Restore what save_training_state wrote into `state`'s objects; returns (step, history). Raises
+    FileNotFoundError for a missing file, ValueError for state that does not fit these objects."""
     directory = readable_directory(directory)
     meta = read_json(directory / "trainer.json")
-    for name, module in modules.items():
+    for name, module in state.modules.items():
         load_module_weights(module, directory / f"{name}.safetensors")
-    if ema is not None:
+    if state.ema is not None:
+        if meta.get("ema") is None:
+            raise ValueError(f"the checkpoint in {directory} has no EMA weights; it was saved by a run without EMA")
         shadow = load_weights(directory / "ema.safetensors")
-        ema.shadow = [shadow[str(i)].to(s.device) for i, s in enumerate(ema.shadow)]
-        ema.num_updates = meta["ema_updates"]
+        state.ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    if state.float_copies is not None:
+        saved = load_weights(directory / "float_copies.safetensors")
+        with torch.no_grad():
+            for i, copy in enumerate(state.float_copies):
+                copy.copy_(saved[str(i)])
     tensors = load_weights(directory / "optimizer.safetensors")
-    generator.set_state(tensors.pop("rng"))
-    _load_optimizer(optimizer, tensors, meta["param_groups"])
-    for name, extra in (extra_optimizers or {}).items():
+    state.generator.set_state(tensors.pop("rng"))
+    _load_optimizer(state.optimizer, tensors, meta["param_groups"])
+    for name, extra in state.extra_optimizers.items():
         if name not in meta.get("extra_param_groups", {}):
             raise ValueError(f"the checkpoint in {directory} has no state for the {name} optimizer; it was saved "
                              f"by a run without a {name}")

@@ -1,4 +1,5 @@
-"""Training loops: EMA, learning-rate schedule, loss goes down, exact resume, guarded against NaN."""
+"""Training loops: EMA, learning-rate schedule, TrainingConfig, loss goes down, exact resume, guarded against NaN,
+clipping as clip_grad_norm_ does it, half precision."""
 
 import json
 
@@ -7,24 +8,66 @@ import torch
 from conftest import CAPTIONS, make_tiny_ldm
 
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
-from minildm.train import EMA, cosine_lr, pick_device, train_autoencoder, train_ldm
+from minildm.distributed import pick_device
+from minildm.ema import EMAModel
+from minildm.train import TrainingConfig, cosine_lr, train_autoencoder, train_ldm
+
+
+def cfg(**changes) -> TrainingConfig:
+    """The LDM's loop settings for a test: on the CPU, no progress bar."""
+    return TrainingConfig(**{"device": "cpu", "progress": False, **changes})
+
+
+def ae_cfg(**changes) -> TrainingConfig:
+    return TrainingConfig.for_autoencoder(**{"device": "cpu", "progress": False, **changes})
 
 
 def test_ema_matches_its_formula():
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = EMA([p], decay=0.9)
+    ema = EMAModel([p], decay=0.9)
     expected = torch.zeros(3)
     for n in range(1, 30):
         with torch.no_grad():
             p.add_(1.0)
-        ema.update([p])
+        ema.step([p])
         d = min(0.9, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * p.detach()
-    assert torch.allclose(ema.shadow[0], expected)
+    assert torch.allclose(ema.shadow_params[0], expected)
     ema.copy_to([p])
     assert torch.allclose(p.detach(), expected)
     with pytest.raises(ValueError, match="decay"):
-        EMA([p], decay=1.0)
+        EMAModel([p], decay=1.0)
+
+
+def test_ema_state_dict_round_trip():
+    p = torch.nn.Parameter(torch.randn(4))
+    ema = EMAModel([p], decay=0.99)
+    for _ in range(3):
+        with torch.no_grad():
+            p.mul_(0.5)
+        ema.step([p])
+    state = ema.state_dict()
+    assert state["optimization_step"] == 3 and state["decay"] == 0.99
+    other = EMAModel([torch.nn.Parameter(torch.zeros(4))], decay=0.5)
+    other.load_state_dict(state)
+    assert other.optimization_step == 3 and other.decay == 0.99
+    assert torch.equal(other.shadow_params[0], ema.shadow_params[0])
+    state["shadow_params"][0].add_(1.0)  # a copy: changing it does not change the EMA
+    assert not torch.equal(other.shadow_params[0], state["shadow_params"][0])
+    with pytest.raises(ValueError, match="other shapes"):
+        other.load_state_dict({**state, "shadow_params": [torch.zeros(5)]})
+
+
+def test_training_config_checks_its_fields():
+    assert TrainingConfig().batch_size == 64 and TrainingConfig().ema_decay == 0.999
+    assert TrainingConfig.for_autoencoder(lr=2e-3) == TrainingConfig(steps=2000, batch_size=32, ema_decay=0.0, lr=2e-3)
+    for changes, name in [({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"batch_size": 0}, "batch_size"),
+                          ({"lr": float("nan")}, "lr"), ({"lr": -1.0}, "lr"), ({"grad_clip": 0}, "grad_clip"),
+                          ({"checkpoint_every": 0}, "checkpoint_every"), ({"callback_every": -1}, "callback_every"),
+                          ({"ema_decay": 1.0}, "ema_decay"), ({"max_minutes": 0}, "max_minutes"),
+                          ({"nan_policy": "ignore"}, "nan_policy"), ({"seed": "0"}, "seed")]:
+        with pytest.raises(ValueError, match=name):
+            TrainingConfig(**changes)
 
 
 def test_cosine_lr():
@@ -53,14 +96,14 @@ def test_train_autoencoder_lowers_the_loss_and_sets_the_scaling_factor():
     torch.manual_seed(0)
     ae = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
     images = tiny_images()
-    history = train_autoencoder(ae, images, steps=60, batch_size=8, lr=3e-3, device="cpu", progress=False)
+    history = train_autoencoder(ae, images, ae_cfg(steps=60, batch_size=8, lr=3e-3))
     assert len(history["loss"]) == 60 and history["steps"] == [60]
     assert sum(history["reconstruction"][-10:]) < 0.6 * sum(history["reconstruction"][:10])
     with torch.no_grad():
         z = ae.encode(images).sample(torch.Generator().manual_seed(0))
     assert ae.scaling_factor == pytest.approx(1 / z.std().item(), rel=0.1)
     with pytest.raises(ValueError, match="images"):
-        train_autoencoder(ae, torch.zeros(4, 1, 16, 16), steps=1, progress=False)
+        train_autoencoder(ae, torch.zeros(4, 1, 16, 16), ae_cfg(steps=1))
 
 
 def fixed_batch_loss(ldm, latents):
@@ -74,26 +117,22 @@ def test_train_ldm_lowers_the_loss():
     captions = CAPTIONS * 3
     latents = ldm.encode_images(images, torch.Generator().manual_seed(0))
     before = fixed_batch_loss(ldm, latents)
-    history = train_ldm(ldm, images, captions, steps=80, batch_size=9, lr=3e-3, ema_decay=0.0, device="cpu",
-                        progress=False)
+    history = train_ldm(ldm, images, captions, cfg(steps=80, batch_size=9, lr=3e-3, ema_decay=0.0))
     assert history["steps"] == [80]
     assert fixed_batch_loss(ldm, latents) < 0.8 * before
-    assert not ldm.autoencoder.encoder.conv_in.weight.requires_grad  # the first stage stays frozen
+    assert not ldm.first_stage.encoder.conv_in.weight.requires_grad  # the first stage stays frozen
 
 
 def test_max_minutes_stops_early():
     ldm = make_tiny_ldm()
-    history = train_ldm(ldm, tiny_images(9), CAPTIONS * 3, steps=10**6, batch_size=4, max_minutes=0.02,
-                        device="cpu", progress=False)
+    history = train_ldm(ldm, tiny_images(9), CAPTIONS * 3, cfg(steps=10**6, batch_size=4, max_minutes=0.02))
     assert 0 < history["steps"][0] < 10**6
-    with pytest.raises(ValueError, match="max_minutes"):
-        train_ldm(ldm, tiny_images(9), CAPTIONS * 3, steps=5, max_minutes=0, progress=False)
 
 
 def test_resume_is_bit_identical(tmp_path):
     images, captions = tiny_images(9), CAPTIONS * 3
     straight = make_tiny_ldm()
-    train_ldm(straight, images, captions, steps=6, batch_size=4, device="cpu", progress=False)
+    train_ldm(straight, images, captions, cfg(steps=6, batch_size=4))
 
     class Crash(Exception):
         pass
@@ -103,11 +142,10 @@ def test_resume_is_bit_identical(tmp_path):
 
     interrupted = make_tiny_ldm()
     with pytest.raises(Crash):  # dies right after the step-3 checkpoint
-        train_ldm(interrupted, images, captions, steps=6, batch_size=4, device="cpu", progress=False,
-                  checkpoint_dir=tmp_path, checkpoint_every=3, callback=crash, callback_every=3)
+        train_ldm(interrupted, images, captions, cfg(steps=6, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=3,
+                                                     callback_every=3), callback=crash)
     resumed = make_tiny_ldm()  # a fresh process would start from new weights too
-    history = train_ldm(resumed, images, captions, steps=6, batch_size=4, device="cpu", progress=False,
-                        checkpoint_dir=tmp_path, resume=True)
+    history = train_ldm(resumed, images, captions, cfg(steps=6, batch_size=4, checkpoint_dir=tmp_path, resume=True))
     assert len(history["loss"]) == 6
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -118,7 +156,7 @@ def test_nan_loss_stops_with_the_step():
     images = tiny_images(9)
     images[:] = float("nan")
     with pytest.raises(FloatingPointError, match="step 0"):
-        train_ldm(ldm, images, CAPTIONS * 3, steps=3, batch_size=4, device="cpu", progress=False)
+        train_ldm(ldm, images, CAPTIONS * 3, cfg(steps=3, batch_size=4))
 
 
 def test_discriminator_hinge_losses():
@@ -140,8 +178,8 @@ def test_train_autoencoder_with_a_discriminator():
     discriminator = PatchDiscriminator(width=8, num_layers=2)
     assert discriminator(torch.zeros(2, 3, 16, 16)).shape == (2, 1, 4, 4)  # one logit per patch
     before = [p.detach().clone() for p in discriminator.parameters()]
-    history = train_autoencoder(ae, tiny_images(), steps=6, batch_size=4, device="cpu", progress=False,
-                                discriminator=discriminator, discriminator_start=2)
+    history = train_autoencoder(ae, tiny_images(), ae_cfg(steps=6, batch_size=4), discriminator=discriminator,
+                                discriminator_start=2)
     assert len(history["discriminator"]) == 4 and len(history["adversarial"]) == 4  # from step 2 on
     assert any(not torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))
 
@@ -152,17 +190,16 @@ def test_train_autoencoder_resume_is_bit_identical(tmp_path):
         return AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4))
 
     straight = fresh()
-    train_autoencoder(straight, tiny_images(), steps=4, batch_size=4, device="cpu", progress=False)
+    train_autoencoder(straight, tiny_images(), ae_cfg(steps=4, batch_size=4))
 
     def crash(step):
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train_autoencoder(fresh(), tiny_images(), steps=4, batch_size=4, device="cpu", progress=False,
-                          checkpoint_dir=tmp_path, checkpoint_every=2, callback=crash, callback_every=2)
+        train_autoencoder(fresh(), tiny_images(), ae_cfg(steps=4, batch_size=4, checkpoint_dir=tmp_path,
+                                                         checkpoint_every=2, callback_every=2), callback=crash)
     resumed = fresh()
-    train_autoencoder(resumed, tiny_images(), steps=4, batch_size=4, device="cpu", progress=False,
-                      checkpoint_dir=tmp_path, resume=True)
+    train_autoencoder(resumed, tiny_images(), ae_cfg(steps=4, batch_size=4, checkpoint_dir=tmp_path, resume=True))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -193,8 +230,8 @@ def test_nan_gradient_stops_naming_the_parameter_and_keeps_the_last_checkpoint(t
     ae = tiny_autoencoder()
     poison_gradient(ae.decoder.conv_out.weight, at_calls={2})
     with pytest.raises(FloatingPointError) as info:
-        train_autoencoder(ae, tiny_images(), steps=5, batch_size=4, device="cpu", progress=False,
-                          checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+        train_autoencoder(ae, tiny_images(), ae_cfg(steps=5, batch_size=4, checkpoint_dir=tmp_path / "ckpt",
+                                                    checkpoint_every=1))
     message = str(info.value)
     assert "the gradient of autoencoder.decoder.conv_out.weight is nan at step 2" in message
     assert "keeps the checkpoint of step 2" in message
@@ -208,18 +245,16 @@ def test_nan_data_names_the_loss(tmp_path):
     images = tiny_images()
     images[:] = float("inf")  # inf - inf in the loss: nan
     with pytest.raises(FloatingPointError, match="autoencoder: the loss is nan at step 0; no checkpoint was saved"):
-        train_autoencoder(tiny_autoencoder(), images, steps=2, batch_size=4, device="cpu", progress=False,
-                          checkpoint_dir=tmp_path)
+        train_autoencoder(tiny_autoencoder(), images, ae_cfg(steps=2, batch_size=4, checkpoint_dir=tmp_path))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 0\. Lower the learning rate"):
-        train_autoencoder(tiny_autoencoder(), images, steps=2, batch_size=4, device="cpu", progress=False)
+        train_autoencoder(tiny_autoencoder(), images, ae_cfg(steps=2, batch_size=4))
 
 
 def test_skip_policy_leaves_bad_steps_out_and_counts_them(capsys):
     ae = tiny_autoencoder()
     poison_gradient(ae.encoder.conv_in.bias, at_calls={1, 3})
-    history = train_autoencoder(ae, tiny_images(), steps=6, batch_size=4, device="cpu", progress=True,
-                                nan_policy="skip")
+    history = train_autoencoder(ae, tiny_images(), ae_cfg(steps=6, batch_size=4, progress=True, nan_policy="skip"))
     assert history["skipped_steps"] == [1, 3] and history["steps"] == [6]
     assert len(history["loss"]) == len(history["reconstruction"]) == 4  # one entry per step taken
     assert all(torch.isfinite(p).all() for p in ae.parameters())
@@ -231,8 +266,7 @@ def test_skipped_steps_change_nothing():
     before = {name: value.clone() for name, value in ldm.state_dict().items()}
     images = tiny_images(9)
     images[:] = float("nan")  # every batch is bad: every step is skipped
-    history = train_ldm(ldm, images, CAPTIONS * 3, steps=3, batch_size=4, device="cpu", progress=False,
-                        nan_policy="skip")
+    history = train_ldm(ldm, images, CAPTIONS * 3, cfg(steps=3, batch_size=4, nan_policy="skip"))
     assert history["skipped_steps"] == [0, 1, 2] and history["loss"] == []
     for name, value in ldm.state_dict().items():  # EMA copied back in too: still the initial weights
         assert torch.equal(value, before[name]), name
@@ -240,29 +274,23 @@ def test_skipped_steps_change_nothing():
 
 def test_training_arguments_are_checked():
     ae, images = tiny_autoencoder(), tiny_images(4)
-    cases = [
-        (dict(nan_policy="ignore"), "nan_policy"),
-        (dict(steps=0), "steps"),
-        (dict(steps=2.5), "steps"),
-        (dict(batch_size=0), "batch_size"),
-        (dict(lr=float("nan")), "lr"),
-        (dict(lr=-1.0), "lr"),
-        (dict(grad_clip=0), "grad_clip"),
-        (dict(checkpoint_every=0), "checkpoint_every"),
-        (dict(kl_weight=float("inf")), "kl_weight"),
-        (dict(discriminator_start=-1), "discriminator_start"),
-    ]
-    for kwargs, name in cases:
+    for kwargs, name in [(dict(kl_weight=float("inf")), "kl_weight"), (dict(discriminator_start=-1),
+                                                                        "discriminator_start"),
+                         (dict(discriminator_weight=-1.0), "discriminator_weight")]:
         with pytest.raises(ValueError, match=name):
-            train_autoencoder(ae, images, progress=False, **{"steps": 1, **kwargs})
+            train_autoencoder(ae, images, ae_cfg(steps=1), **kwargs)
     with pytest.raises(TypeError, match="images"):
-        train_autoencoder(ae, images.numpy(), steps=1, progress=False)
+        train_autoencoder(ae, images.numpy(), ae_cfg(steps=1))
     with pytest.raises(TypeError, match="images"):
-        train_autoencoder(ae, images.long(), steps=1, progress=False)
+        train_autoencoder(ae, images.long(), ae_cfg(steps=1))
+    with pytest.raises(TypeError, match="config must be a TrainingConfig"):
+        train_autoencoder(ae, images, {"steps": 1})
+    with pytest.raises(TypeError, match="positional"):  # the loss settings are keyword-only
+        train_autoencoder(ae, images, ae_cfg(steps=1), 1e-6)
     with pytest.raises(TypeError, match="captions"):
-        train_ldm(make_tiny_ldm(), tiny_images(3), "one caption", steps=1, progress=False)
-    with pytest.raises(ValueError, match="ema_decay"):
-        train_ldm(make_tiny_ldm(), tiny_images(3), CAPTIONS, steps=1, ema_decay=1.0, progress=False)
+        train_ldm(make_tiny_ldm(), tiny_images(3), "one caption", cfg(steps=1))
+    with pytest.raises(ValueError, match="caption_dropout"):
+        train_ldm(make_tiny_ldm(), tiny_images(3), CAPTIONS, cfg(steps=1), caption_dropout=1.5)
 
 
 def test_train_autoencoder_with_a_discriminator_resumes_bit_identically(tmp_path):
@@ -273,20 +301,21 @@ def test_train_autoencoder_with_a_discriminator_resumes_bit_identically(tmp_path
         ae = tiny_autoencoder()
         return ae, PatchDiscriminator(width=8, num_layers=2)
 
-    settings = dict(steps=5, batch_size=4, device="cpu", progress=False, discriminator_start=1)
+    settings = dict(steps=5, batch_size=4)
     straight_ae, straight_d = fresh()
-    train_autoencoder(straight_ae, tiny_images(), discriminator=straight_d, **settings)
+    train_autoencoder(straight_ae, tiny_images(), ae_cfg(**settings), discriminator=straight_d, discriminator_start=1)
 
     def crash(step):
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
         ae, d = fresh()
-        train_autoencoder(ae, tiny_images(), discriminator=d, checkpoint_dir=tmp_path, checkpoint_every=3,
-                          callback=crash, callback_every=3, **settings)
+        train_autoencoder(ae, tiny_images(), ae_cfg(**settings, checkpoint_dir=tmp_path, checkpoint_every=3,
+                                                    callback_every=3), discriminator=d, discriminator_start=1,
+                          callback=crash)
     resumed_ae, resumed_d = fresh()
-    history = train_autoencoder(resumed_ae, tiny_images(), discriminator=resumed_d, checkpoint_dir=tmp_path,
-                                resume=True, **settings)
+    resume = ae_cfg(**settings, checkpoint_dir=tmp_path, resume=True)
+    history = train_autoencoder(resumed_ae, tiny_images(), resume, discriminator=resumed_d, discriminator_start=1)
     assert len(history["discriminator"]) == 4  # steps 1 to 4, across the interruption
     for straight, resumed in ((straight_ae, resumed_ae), (straight_d, resumed_d)):
         for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -296,12 +325,10 @@ def test_train_autoencoder_with_a_discriminator_resumes_bit_identically(tmp_path
     del meta["extra_param_groups"]
     (tmp_path / "trainer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="has no state for the discriminator optimizer"):
-        train_autoencoder(*fresh()[:1], tiny_images(), discriminator=fresh()[1], checkpoint_dir=tmp_path, resume=True,
-                          **settings)
+        train_autoencoder(*fresh()[:1], tiny_images(), resume, discriminator=fresh()[1], discriminator_start=1)
     (tmp_path / "discriminator.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="discriminator.safetensors"):
-        train_autoencoder(*fresh()[:1], tiny_images(), discriminator=fresh()[1], checkpoint_dir=tmp_path, resume=True,
-                          **settings)
+        train_autoencoder(*fresh()[:1], tiny_images(), resume, discriminator=fresh()[1], discriminator_start=1)
 
 
 def test_callback_time_does_not_count_against_the_budget():
@@ -315,7 +342,51 @@ def test_callback_time_does_not_count_against_the_budget():
         calls.append(step)
         time.sleep(0.3)
 
-    history = train_ldm(ldm, images, CAPTIONS[:2] * 2, steps=5, batch_size=2, max_minutes=0.9 / 60,
-                        callback=slow_preview, callback_every=1, progress=False, device="cpu")
+    config = cfg(steps=5, batch_size=2, max_minutes=0.9 / 60, callback_every=1)
+    history = train_ldm(ldm, images, CAPTIONS[:2] * 2, config, callback=slow_preview)
     assert history["steps"] == [5] and calls == [1, 2, 3, 4, 5]
     assert history["seconds"][0] < 1.5  # training time only, the sleeps excluded
+
+
+def test_train_ldm_is_the_loop_written_out():
+    # Three steps of train_ldm against the same steps by hand: the batch's draws in their order (examples, the
+    # posterior's ε, caption dropout, t, the noise), eq. (3), AdamW at the warm-up's learning rate, clipping by
+    # torch's own clip_grad_norm_ (set low so it acts), and the EMA copied in at the end.
+    images, captions = tiny_images(8), [CAPTIONS[i % 3] for i in range(8)]
+    config = cfg(steps=3, batch_size=4, lr=1e-2, grad_clip=0.05, ema_decay=0.9)
+    trained = make_tiny_ldm()
+    train_ldm(trained, images, captions, config, caption_dropout=0.3)
+
+    by_hand = make_tiny_ldm().train()
+    with torch.no_grad():
+        posterior = by_hand.first_stage.encode(images)
+    parameters = [*by_hand.backbone.parameters(), *by_hand.conditioner.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.0)
+    shadow = [p.detach().clone() for p in parameters]
+    alphas_cumprod = by_hand.schedule.alphas_cumprod
+    generator = torch.Generator().manual_seed(0)
+    norms = []
+    for step in range(3):
+        optimizer.param_groups[0]["lr"] = cosine_lr(1e-2, step / 3)  # 0 at step 0: the warm-up starts at 0
+        idx = torch.randint(0, 8, (4,), generator=generator)
+        z0 = posterior.mean[idx] + posterior.std[idx] * torch.randn(4, 4, 4, 4, generator=generator)
+        z0 = z0 * by_hand.first_stage.scaling_factor
+        dropped = torch.rand(4, generator=generator) < 0.3
+        t = torch.randint(0, 1000, (4,), generator=generator)
+        eps = torch.randn(4, 4, 4, 4, generator=generator)
+        a = alphas_cumprod[t].float().view(4, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
+        loss = ((by_hand.backbone(z_t, t, by_hand.conditioner.encode(prompts)) - eps) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(parameters, 0.05).item())
+        optimizer.step()
+        d = min(0.9, (2 + step) / (11 + step))  # (1 + n) / (10 + n) at the n-th update
+        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, parameters)]
+    assert min(norms) > 0.05  # clipping acted at every step
+    with torch.no_grad():
+        for s, p in zip(shadow, parameters):
+            p.copy_(s)
+    for (name, a), b in zip(trained.state_dict().items(), by_hand.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
