@@ -186,10 +186,11 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
             distributed.average_gradients(learner_parameters)  # a second backward: outside DDP's bookkeeping
             checks[f"the {key} loss"] = extra_loss.detach()
             checks[f"the {key} gradient norm"] = _gradient_norm(learner_parameters)
-        # One sync per step: every value averaged over the ranks, so all of them decide and log alike.
-        clock = torch.tensor([time.perf_counter() - start], device=loss.device)
-        values = distributed.average(torch.cat([torch.stack([v.float() for v in (*checks.values(), *parts.values())]),
-                                                clock])).tolist()
+        # One sync per step (.tolist()): every value averaged over the ranks, the clock too, so that all of them
+        # decide and log alike. The clock is filled in on the device: a copy to a GPU would be a second sync.
+        clock = torch.full((1,), time.perf_counter() - start, device=loss.device)
+        values = torch.cat([torch.stack([v.float() for v in (*checks.values(), *parts.values())]), clock])
+        values = distributed.average(values).tolist()
         elapsed = values.pop()
         problem = next((f"{label} is {v}" for label, v in zip(checks, values) if not math.isfinite(v)), None)
         if problem is not None:

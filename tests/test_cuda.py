@@ -144,3 +144,33 @@ def test_resume_on_cuda_continues_the_run(tmp_path):
     assert history["steps"] == [20] and len(history["loss"]) == 20
     for (name, a), (_, b) in zip(straight.backbone.state_dict().items(), resumed.backbone.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=f"{name} after resume")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_on_cuda_generates_trains_and_saves_in_its_dtype(dtype, tmp_path):
+    ldm = make_tiny_ldm().to(CUDA, dtype)
+    reference = make_tiny_ldm().to(CUDA).generate(CAPTIONS, 8, generator=torch.Generator().manual_seed(0))
+    images = ldm.generate(CAPTIONS, 8, generator=torch.Generator().manual_seed(0), height=16, width=24)
+    assert images.dtype == torch.float32 and images.device.type == "cuda" and images.shape == (3, 3, 16, 24)
+    square = ldm.generate(CAPTIONS, 8, generator=torch.Generator().manual_seed(0))
+    assert (square - reference).abs().mean() < 0.05  # the same noise, drawn in float32 on the CPU
+    history = train_ldm(ldm, tiny_images(6), CAPTIONS * 2, TrainingConfig(steps=5, batch_size=6, progress=False))
+    assert len(history["loss"]) == 5 and all(torch.isfinite(torch.tensor(history["loss"])))
+    assert {p.dtype for p in ldm.parameters()} == {dtype} and ldm.device.type == "cuda"
+    ldm.save(tmp_path / "model")
+    loaded = LatentDiffusion.load(tmp_path / "model", device=CUDA)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+
+
+def test_generate_with_every_sampler_kind_on_cuda():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from doubles import HeunLikeSampler
+
+    ldm = make_tiny_ldm().to(CUDA)
+    for sampler in (ldm.make_sampler("ddim", eta=0.5), ldm.make_sampler("ddpm"), HeunLikeSampler(ldm.schedule)):
+        a = ldm.generate(CAPTIONS, 6, sampler=sampler, generator=torch.Generator().manual_seed(3))
+        b = ldm.generate(CAPTIONS, 6, sampler=sampler, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b) and torch.isfinite(a).all()
