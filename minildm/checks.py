@@ -8,7 +8,7 @@ Under autocast (torch.autocast, e.g. bf16 on a GPU) layers return activations in
 model's input may fairly arrive in that dtype too (the autoencoder's latents, fed to its decoder or to the
 UNet): inside an autocast region both dtypes are accepted.
 
-check_images: a batch of images or latents (B, C, H, W).
+check_images: a batch of images or latents (B, C, H, W); check_device and check_generator.
 explain_missing_kernels: torch's error for an op a device lacks in bf16 / fp16, said plainly.
 """
 
@@ -31,8 +31,19 @@ def check_like_weights(value, name: str, weight: torch.Tensor, what: str = "") -
         wanted = " or ".join(str(d) for d in allowed)
         raise TypeError(f"{name} must be {what + ' as ' if what else ''}a {wanted} tensor like the model's weights"
                         f"{' (inside autocast)' if len(allowed) > 1 else ''}, got {got}")
-    if value.device != weight.device:
-        raise ValueError(f"{name} is on {value.device} but the model is on {weight.device}: move one of them")
+    check_device(value, name, weight.device)
+
+
+def check_device(value: torch.Tensor, name: str, device: torch.device) -> None:
+    """Raise ValueError unless the tensor `value` is on the model's `device` (inputs are never moved silently)."""
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the model is on {device}: move one of them")
+
+
+def check_generator(generator) -> None:
+    """Raise TypeError unless `generator` is a torch.Generator or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def check_images(value, name: str, channels: int, multiple_of: int = 1, what: str = "images") -> None:

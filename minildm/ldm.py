@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import model_folder
 from .attention_maps import cross_attention_maps
-from .checks import check_images, explain_missing_kernels
+from .checks import check_device, check_generator, check_images, explain_missing_kernels
 from .interfaces import Backbone, Conditioner, FirstStage, Sampler, check_slot
 from .pixel_space import PixelSpace
 from .samplers import DDIMSampler, DDPMSampler, randn_tensor
@@ -135,10 +135,11 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> scaled latents z_0 = scaling_factor · E(x), (B, c, H/f, W/f),
-        in the model's dtype on its device. Raises TypeError / ValueError for images of the wrong kind."""
-        f = self.first_stage.downsampling_factor
-        check_images(images, "images", self.first_stage.in_channels, f)
-        images = images.to(self.device, self._first_stage_dtype())
+        in the model's dtype. Raises TypeError / ValueError for images of the wrong kind or on another device."""
+        check_images(images, "images", self.first_stage.in_channels, self.first_stage.downsampling_factor)
+        check_device(images, "images", self.device)
+        check_generator(generator)
+        images = images.to(self._first_stage_dtype())  # float32 images into a bf16 / fp16 model
         latents = self.first_stage.encode(images).sample(generator) * self.first_stage.scaling_factor
         return latents.to(self.dtype)
 
@@ -146,7 +147,8 @@ class LatentDiffusion(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, c, h, w) -> images (B, C, f·h, f·w), float32 in [0, 1]."""
         check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
-        latents = latents.to(self.device, self._first_stage_dtype())
+        check_device(latents, "latents", self.device)
+        latents = latents.to(self._first_stage_dtype())
         images = self.first_stage.decode(latents / self.first_stage.scaling_factor)  # in [-1, 1], roughly
         return ((images.float() + 1) / 2).clamp(0, 1)
 
@@ -171,8 +173,7 @@ class LatentDiffusion(nn.Module):
         `generator`: (timesteps (B,) int64 in [0, T), noise ε (B, c, h, w) float32, dropped (B,) bool)."""
         if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         B = shape[0]
         dropped = torch.rand(B, generator=generator) < caption_dropout
         timesteps = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
@@ -189,8 +190,8 @@ class LatentDiffusion(nn.Module):
         """
         self._check_captions(latents, captions)
         device, dtype = self.device, self.dtype
-        latents = latents.to(device, dtype)
-        noise = noise.to(device, dtype)  # ε
+        latents = latents.to(dtype)
+        noise = noise.to(device, dtype)  # ε, drawn on the CPU
         timesteps = timesteps.to(device)
         captions = [self.conditioner.null_condition if drop else caption
                     for caption, drop in zip(captions, dropped.tolist())]
@@ -206,6 +207,7 @@ class LatentDiffusion(nn.Module):
 
     def _check_captions(self, latents, captions) -> None:
         check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
+        check_device(latents, "latents", self.device)
         if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
         if len(captions) != len(latents):
@@ -362,8 +364,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step_index, timestep, latents) or None, "
                             f"got {type(callback).__name__}")
@@ -381,6 +382,8 @@ class LatentDiffusion(nn.Module):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for {len(prompts)} prompts of {height}x{width} "
                              f"images, got {tuple(latents.shape)}")
+        elif latents.device.type == "meta":
+            raise ValueError("latents must hold values: got a tensor on the meta device")
         return prompts, sampler, latents.to(self.device, self.dtype)
 
     def check_sampler(self, sampler) -> None:

@@ -17,7 +17,7 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_everything(demo_dir):
-    for name in ("samples.png", "denoising.gif", "report.json", "model/config.json", "model/unet.safetensors"):
+    for name in ("samples.png", "denoising.gif", "report.json", "model/config.json", "model/backbone.safetensors"):
         assert (demo_dir / name).is_file(), name
     report = json.loads((demo_dir / "report.json").read_text())
     assert set(report["adherence"]) == {"1.0", "3.0"}

@@ -17,7 +17,7 @@ model x_t as it is (init_noise_sigma = 1, scale_model_input is the identity), on
 (order = 1). Samplers that work in σ (Euler, Heun) or in flow time differ in exactly those places.
 
 Notation: alphas_cumprod[t] = ᾱ_t, T = num_train_timesteps, n = num_inference_steps; "prev" is the
-next timestep of the loop (a smaller t), -1 after the last one. Depends on schedule.py only.
+next timestep of the loop (a smaller t), -1 after the last one. Depends on schedule.py (and checks.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..checks import check_generator
 from ..schedule import PREDICTION_TYPES, NoiseSchedule, check_samples
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -170,8 +171,7 @@ class BaseSampler:
 
     def _predict_x0_and_eps(self, model_output, t, sample, generator):
         check_samples(sample, "sample", model_output, "model_output")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         x0, eps = self.schedule.to_x0_and_eps(model_output, sample, t, self.prediction_type)
         if self.clip_sample:
             # Pixel data lives in [-1, 1]; clamping x̂_0 stops early, noisy guesses from running away.
