@@ -33,7 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
 
+    exercises = commands.add_parser("exercises", help="the course's exercises: list them, or write student notebooks")
+    exercise_commands = exercises.add_subparsers(dest="exercise_command", required=True)
+    exercise_commands.add_parser("list", help="every exercise, with its notebook and what to write")
+    student = exercise_commands.add_parser("student", help="write the student versions of the notebooks: "
+                                                           "solutions taken out, outputs cleared")
+    student.add_argument("notebook_dir", help="the folder of the course's notebooks (notebooks/)")
+    student.add_argument("out_dir", help="where to write the student versions")
+
     args = parser.parse_args(argv)
+    if args.command == "exercises":
+        from . import exercises as course_exercises
+        from .exercises.student import write_student_versions
+
+        if args.exercise_command == "list":
+            for name in course_exercises.names():
+                print(course_exercises.describe(name), end="\n\n")
+            return 0
+        try:
+            written = write_student_versions(args.notebook_dir, args.out_dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(written)} student notebooks to {args.out_dir}")
+        return 0
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 

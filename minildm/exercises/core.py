@@ -1,0 +1,188 @@
+"""How an exercise is checked: the student's function runs on seeded tiny inputs next to minildm's own code,
+and a failure says what differed and names the equation.
+
+An Exercise holds the reference solution (the code the notebook's solution cell shows), the inputs to try
+(`cases(seed)`: several timesteps including 0 and T-1, shapes whose dimensions all differ, two seeds),
+minildm's own code for the same piece where it has one (`reference`), and the typical mistakes written out
+(`mistakes`): when a wrong answer equals one of them, the hint says which mistake it is. Otherwise the
+hint says what differed: the shape (or a transposed shape), the type, a flipped sign, a constant factor,
+or the size and place of the largest difference.
+
+Every input is made before the student's function runs and passed to it: a correct answer never depends on
+the order in which minildm draws random numbers. Depends on torch only.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+RTOL, ATOL = 1e-4, 1e-6  # an off-by-one t changes ᾱ_t by under 1% mid-schedule: 1e-4 still sees it
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A typical wrong answer, written out, and the hint a student who made it gets."""
+
+    hint: str
+    fn: Callable
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str
+    notebook: str  # the notebook that teaches it, e.g. "01_forward_process"
+    task: str  # what to write, with shapes, in one or two sentences
+    source: str  # the paper and equation
+    solution: Callable  # the reference answer, as the notebook's solution cell writes it
+    cases: Callable[[int], list[dict]]  # seed -> the inputs to try, as keyword arguments
+    reference: Callable | None = None  # minildm's own code for the same piece (default: the solution)
+    mistakes: tuple[Mistake, ...] = ()
+    run: Callable | None = None  # run(fn, case) -> output; default fn(**case). Module exercises build a module
+    rtol: float = RTOL
+    atol: float = ATOL
+    stub: str | None = None  # a "debug this" exercise: the broken code the student version starts from
+
+    def output(self, fn: Callable, case: dict):
+        return self.run(fn, case) if self.run is not None else fn(**case)
+
+
+# ---- comparing outputs -----------------------------------------------------------------------------------------
+
+
+def _as_tensors(value):
+    """An output as a tuple of tensors (a tensor, a number, or a tuple / list of them), or None."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    tensors = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (torch.Tensor, int, float)):
+            return None
+        tensors.append(item if torch.is_tensor(item) else torch.tensor(float(item), dtype=torch.float64))
+    return tuple(tensors)
+
+
+def _describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(_describe(v) for v in value[:3])})"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _close(got, expected, rtol: float, atol: float) -> bool:
+    a, b = _as_tensors(got), _as_tensors(expected)
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=rtol, atol=atol)
+               for x, y in zip(a, b))
+
+
+def difference(got, expected, rtol: float = RTOL, atol: float = ATOL) -> str | None:
+    """What differs between the student's output and the expected one, in words; None when they agree."""
+    a, b = _as_tensors(got), _as_tensors(expected)
+    if a is None:
+        return f"your function returned {_describe(got)}; expected {_describe(expected)}"
+    if len(a) != len(b):
+        return f"your function returned {len(a)} value(s); expected {len(b)} ({_describe(expected)})"
+    for i, (x, y) in enumerate(zip(a, b)):
+        which = f"output {i}: " if len(b) > 1 else ""
+        if x.shape != y.shape:
+            if x.ndim == y.ndim and x.ndim >= 2 and x.transpose(-1, -2).shape == y.shape:
+                return f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}: transposed (the last two axes)?"
+            if x.numel() == y.numel():
+                return (f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}: the right numbers in the wrong "
+                        f"layout?")
+            return f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}"
+        x, y = x.double(), y.double()
+        if not torch.isfinite(x).all():
+            return f"{which}your output holds NaN or infinity (a division by zero, or a log / sqrt of a negative?)"
+        if torch.allclose(x, y, rtol=rtol, atol=atol):
+            continue
+        if torch.allclose(x, -y, rtol=rtol, atol=atol):
+            return f"{which}the sign is flipped"
+        scale = _constant_ratio(x, y)
+        if scale is not None:
+            return (f"{which}off by a constant factor: yours is {scale:.4g} times the expected (a square root, or a "
+                    f"scale?)")
+        if x.ndim >= 2 and x.shape[-1] == x.shape[-2] and torch.allclose(x.transpose(-1, -2), y, rtol=rtol, atol=atol):
+            return f"{which}transposed: the last two axes are swapped"
+        error = (x - y).abs()
+        index = tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape)) if error.ndim else ()
+        relative = (error.max() / y.abs().max().clamp(min=1e-12)).item()
+        return (f"{which}values differ: the largest difference is {error.max().item():.3g} at index {index} "
+                f"(yours {x[index].item():.6g}, expected {y[index].item():.6g}; {relative:.2%} of the largest value)")
+    return None
+
+
+def _constant_ratio(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """k when x = k y for one k != 1 (both mostly non-zero), else None."""
+    mask = y.abs() > 1e-6 * y.abs().max().clamp(min=1e-30)
+    if mask.sum() < 2:
+        return None
+    ratios = x[mask] / y[mask]
+    k = ratios.median().item()
+    if math.isfinite(k) and abs(k - 1) > 1e-3 and torch.allclose(ratios, torch.full_like(ratios, k), rtol=1e-4):
+        return k
+    return None
+
+
+# ---- running a check ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    passed: bool
+    message: str
+    not_done: bool = False
+
+
+def evaluate(exercise: Exercise, fn) -> Result:
+    """Run `fn` on every case of `exercise` (two seeds) and compare it with the reference."""
+    if fn is None or not callable(fn):
+        return Result(False, f"expected your function (or class), got {_describe(fn)}")
+    reference = exercise.reference if exercise.reference is not None else exercise.solution
+    count = 0
+    for seed in (0, 1):
+        for case in exercise.cases(seed):
+            expected = exercise.output(reference, case)
+            try:
+                got = exercise.output(fn, dict(case))
+            except NotImplementedError:
+                return Result(False, "not done yet: replace the `raise NotImplementedError` with your code",
+                              not_done=True)
+            except Exception as e:  # the student's bug: reported, never raised
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                return Result(False, f"your code raised {type(e).__name__}: {e} (line {where.lineno}: "
+                                     f"{where.line})")
+            problem = difference(got, expected, exercise.rtol, exercise.atol)
+            if problem is not None:
+                return Result(False, _hint(exercise, fn, case, got, problem))
+            count += 1
+    return Result(True, f"passed: {count} cases, 2 seeds")
+
+
+def _hint(exercise: Exercise, fn, case: dict, got, problem: str) -> str:
+    """The difference, then the typical mistake the output matches, if any, and the equation to read."""
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in case.items())
+    lines = [f"with {shown}:", f"  {problem}"]
+    for mistake in exercise.mistakes:
+        try:
+            if _close(got, exercise.output(mistake.fn, dict(case)), exercise.rtol, exercise.atol):
+                lines.append(f"  hint: {mistake.hint}")
+                break
+        except Exception:  # a mistake that cannot run on this case says nothing
+            continue
+    lines.append(f"  see {exercise.source}")
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    if torch.is_tensor(value):
+        return f"tensor{tuple(value.shape)}" if value.numel() > 4 else f"{value.tolist()}"
+    if isinstance(value, torch.nn.Module):
+        return type(value).__name__
+    return f"{value!r:.30}"
