@@ -11,7 +11,7 @@ from .classifier import ClassifierConfig, SmallClassifier
 from .data import LabeledImages
 from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
-from .distributed import pick_device
+from .distributed import is_main_process, pick_device
 from .ema import EMAModel
 from .fid import dataset_classifier, fid, frechet_distance, label_accuracy, psnr
 from .image_datasets import load_image_dataset
@@ -26,15 +26,15 @@ from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "interfaces", "viz", "PixelSpace", "randn_tensor", "TrainingConfig", "EMAModel", "AutoencoderConfig",
-    "AutoencoderKL", "DiagonalGaussianDistribution", "Attention", "BasicTransformerBlock", "Transformer2DModel",
-    "ClassifierConfig", "SmallClassifier", "LabeledImages", "load_fashion_mnist", "load_image_dataset",
-    "load_mnist", "DemoConfig", "run_demo", "PatchDiscriminator", "dataset_classifier", "fid", "frechet_distance",
-    "label_accuracy", "psnr", "GenerationOutput", "LatentDiffusion", "ShapesChecker", "DDIMSampler", "DDPMSampler",
-    "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset", "TextEncoder",
-    "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm", "UNet2DConditionModel",
-    "UNetConfig",
+    "interfaces", "viz", "PixelSpace", "is_main_process", "randn_tensor", "TrainingConfig", "EMAModel",
+    "AutoencoderConfig", "AutoencoderKL", "DiagonalGaussianDistribution", "Attention", "BasicTransformerBlock",
+    "Transformer2DModel", "ClassifierConfig", "SmallClassifier", "LabeledImages", "load_fashion_mnist",
+    "load_image_dataset", "load_mnist", "DemoConfig", "run_demo", "PatchDiscriminator", "dataset_classifier",
+    "fid", "frechet_distance", "label_accuracy", "psnr", "GenerationOutput", "LatentDiffusion", "ShapesChecker",
+    "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset",
+    "TextEncoder", "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm",
+    "UNet2DConditionModel", "UNetConfig",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget in minutes (default: 10)")
     demo.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline, for testing")
+    demo.add_argument("--smoke", action="store_true",
+                      help="a seconds-long run of the whole pipeline, for testing (--minutes is ignored)")
 
     sample = commands.add_parser("sample", help="generate images from a saved model")
     sample.add_argument("--model", required=True, help="a model folder written by the demo or LatentDiffusion.save")
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.minutes <= 0:
             parser.error(f"--minutes must be positive, got {args.minutes}")
-        config = DemoConfig.smoke() if args.smoke else DemoConfig(minutes=args.minutes, seed=args.seed)
+        config = dataclasses.replace(DemoConfig.smoke(), seed=args.seed) if args.smoke else \
+            DemoConfig(minutes=args.minutes, seed=args.seed)
         run_demo(args.out, config, device=args.device)
         return 0
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before sampling, not after
     try:
         ldm = LatentDiffusion.load(args.model, device=pick_device(args.device))
         prompts = [p for p in args.prompt for _ in range(args.num)]

@@ -83,7 +83,8 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         if e.dtype != f.dtype:
             problems.append(f"{name}: expected dtype {e.dtype}, found {f.dtype}")
     if problems:
-        raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(shown))
 
 
 def save_module(module: torch.nn.Module, config, directory: str | os.PathLike, name: str) -> None:
@@ -113,13 +114,19 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, dtype:
     mixes floating-point dtypes.
     """
     state = load_weights(path)
-    stored = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(stored) > 1:
-        raise ValueError(f"{path} mixes floating-point dtypes {sorted(str(d) for d in stored)}; a module is saved "
-                         f"in one dtype")
-    if stored and dtype is not None and stored != {dtype}:
-        raise ValueError(f"{path} holds {stored.pop()} weights but its config says {dtype}")
-    if stored:
-        module.to(stored.pop())
+    stored = stored_dtype(state, path)
+    if stored is not None and dtype is not None and stored != dtype:
+        raise ValueError(f"{path} holds {stored} weights but its config says {dtype}")
+    if stored is not None:
+        module.to(stored)
     check_state_dict(module.state_dict(), state, str(path))
     module.load_state_dict(state)
+
+
+def stored_dtype(state: dict[str, torch.Tensor], path) -> torch.dtype | None:
+    """The one floating-point dtype of a saved state dict (None if it holds none); ValueError if it mixes them."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"{path} mixes floating-point dtypes {sorted(str(d) for d in dtypes)}; a module is saved "
+                         f"in one dtype")
+    return dtypes.pop() if dtypes else None

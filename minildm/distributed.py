@@ -41,7 +41,13 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """`device` if given; else this process's GPU under torchrun (cuda:LOCAL_RANK); else CUDA, then Apple's
     MPS, then the CPU."""
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but this torch has no CUDA GPU to use "
+                             f"(torch {torch.__version__}); leave device unset to pick what there is")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device} asked for, but Apple's MPS is not available here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if launched_by_torchrun() \
             else torch.device("cuda")

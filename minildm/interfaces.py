@@ -89,7 +89,7 @@ class Backbone(Protocol):
 
     in_channels: int
     out_channels: int
-    cross_attention_dim: int | None  # D, or None for an unconditional backbone
+    cross_attention_dim: int | None  # D (None: an unconditional backbone, which LatentDiffusion does not take)
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None
                  ) -> torch.Tensor: ...
@@ -115,7 +115,7 @@ class Sampler(Protocol):
     """
 
     timesteps: torch.Tensor | None  # (n * order,) set by set_timesteps, in the order the loop visits them
-    init_noise_sigma: float  # the standard deviation of the starting noise
+    init_noise_sigma: float  # the starting noise's standard deviation (a property if set_timesteps decides it)
     order: int  # model calls per step
     prediction_type: str
     schedule: Any
@@ -125,7 +125,7 @@ class Sampler(Protocol):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor: ...
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> Any: ...  # .prev_sample, .pred_original_sample
+             generator: torch.Generator | None = None) -> Any: ...  # with .prev_sample, .pred_original_sample
 
 
 def check_slot(value, protocol: type, name: str) -> None:

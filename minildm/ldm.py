@@ -110,6 +110,21 @@ class LatentDiffusion(nn.Module):
         self.prediction_type = prediction_type
         self.image_size = image_size
 
+    RENAMED = {"unet": "backbone", "autoencoder": "first_stage", "text_encoder": "conditioner"}  # minildm 0.1 -> 0.2
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.RENAMED:
+                raise AttributeError(f"LatentDiffusion.{name} is now .{self.RENAMED[name]}, named for the slot it "
+                                     f"fills (minildm 0.2)") from None
+            raise
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a LatentDiffusion is not called directly: ldm.generate(prompts) makes images, "
+                        "ldm.training_loss(images, captions) gives the loss")
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -238,6 +253,9 @@ class LatentDiffusion(nn.Module):
         """
         if not isinstance(name, str) or name not in SAMPLERS:
             raise ValueError(f"sampler name must be one of {tuple(SAMPLERS)}, got {name!r}")
+        if "prediction_type" in settings or "schedule" in settings:
+            raise ValueError("make_sampler builds the sampler for this model's schedule and prediction_type; for "
+                             "another, build the sampler class yourself")
         sampler_class, defaults = SAMPLERS[name]
         return sampler_class(self.schedule, prediction_type=self.prediction_type, **{**defaults, **settings})
 
@@ -292,8 +310,9 @@ class LatentDiffusion(nn.Module):
         GenerationOutput that also holds every step's latents and predicted z_0.
 
         sampler: any Sampler built for this model's schedule and prediction type (make_sampler("ddpm"),
-            DDIMSampler(ldm.schedule, eta=1.0, ...)); None is make_sampler(), DDIM with "trailing" spacing.
-            generate() calls its set_timesteps(num_inference_steps), as a diffusers pipeline does.
+            make_sampler("ddim", eta=1.0), or DDIMSampler(ldm.schedule, ...) with its own defaults, which are
+            Stable Diffusion's); None is make_sampler(), DDIM with "trailing" spacing. generate() calls its
+            set_timesteps(num_inference_steps), as a diffusers pipeline does.
         guidance_scale: s >= 0 of classifier-free guidance; 1 is the conditional model alone.
         generator: the CPU torch.Generator all noise is drawn from, so a seed gives the same noise on any
             device (GPU kernels may still differ in the last bits).
@@ -301,8 +320,9 @@ class LatentDiffusion(nn.Module):
             multiplied by the sampler's init_noise_sigma.
         height, width: the image size, multiples of the first stage's factor f (default image_size, or what
             `latents` implies).
-        max_batch_size: larger requests run in chunks of this size, one after the other.
-        callback(step_index, timestep, latents) runs after every step.
+        max_batch_size: larger requests run in chunks of this size, one after the other. A stochastic sampler
+            (DDPM, DDIM with η > 0) draws its noise chunk by chunk, so the chunk size changes its images.
+        callback(step_index, timestep, latents) runs after every step of every chunk, with that chunk's latents.
 
         Warns (UserWarning, once per call) about words of the prompts the conditioner cannot use. Raises
         TypeError / ValueError for arguments of the wrong kind, naming the argument, and NotImplementedError
@@ -375,7 +395,8 @@ class LatentDiffusion(nn.Module):
             width = width if width is not None else latents.shape[3] * f
         for name, size in (("height", height), ("width", width)):
             if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < f or size % f):
-                raise ValueError(f"{name} must be a positive multiple of the first stage's factor f={f}, got {size!r}")
+                raise ValueError(f"{name} must be an integer multiple of the first stage's factor f={f}, got "
+                                 f"{size!r}")
         shape = (len(prompts), *self.latent_shape(height, width))
         if latents is None:
             latents = randn_tensor(shape, generator, self.device)  # drawn on the generator's device
@@ -392,6 +413,9 @@ class LatentDiffusion(nn.Module):
         if isinstance(sampler, str):
             raise TypeError(f"sampler must be a sampler object, not a name: ldm.make_sampler({sampler!r}) builds one "
                             f"for this model (or DDIMSampler(ldm.schedule, ...))")
+        if type(sampler).__module__.startswith("diffusers") and not hasattr(sampler, "schedule"):
+            raise TypeError(f"diffusers' {type(sampler).__name__} does not fill minildm's sampler slot (it holds no "
+                            f"NoiseSchedule): use minildm's samplers, e.g. ldm.make_sampler('ddim')")
         check_slot(sampler, Sampler, "sampler")
         if sampler.prediction_type != self.prediction_type:
             raise ValueError(f"the sampler was built for prediction_type={sampler.prediction_type!r} but this model "
@@ -421,9 +445,10 @@ class LatentDiffusion(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-             torch_dtype: torch.dtype | None = None) -> LatentDiffusion:
+             torch_dtype: torch.dtype | str | None = None) -> LatentDiffusion:
         """Rebuild a model from save()'s folder (any format version so far, 1 or 2), checking every tensor's
-        name, shape and dtype against the config. It loads in the dtype it was saved in, or `torch_dtype`
-        (diffusers' name), on `device`, in eval mode. Raises FileNotFoundError for a missing folder or file,
-        ValueError for a config or weights that do not describe a valid model."""
+        name, shape and dtype against the config. It loads in the dtype it was saved in ("auto" or None), or
+        `torch_dtype` (diffusers' name: torch.bfloat16, or "bfloat16"), on `device`, in eval mode. Raises
+        FileNotFoundError for a missing folder or file, ValueError for a config or weights that do not describe a
+        valid model."""
         return model_folder.load(cls, directory, device, torch_dtype)

@@ -49,6 +49,16 @@ SLOT_CLASSES = {  # the classes a saved folder may name, per slot; a new slot fi
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def register(slot: str, cls: type) -> None:
+    """Let folders hold `cls` in `slot` ("first_stage", "backbone" or "conditioner"): a slot filler of your own
+    can then be saved and loaded. It needs config_dict() and a classmethod from_config_dict(config)."""
+    if slot not in SLOT_CLASSES:
+        raise ValueError(f"slot must be one of {SLOTS}, got {slot!r}")
+    if not isinstance(cls, type) or not callable(getattr(cls, "from_config_dict", None)):
+        raise TypeError(f"cls must be a class with a from_config_dict classmethod, got {cls!r}")
+    SLOT_CLASSES[slot][cls.__name__] = cls
+
+
 def _dtype_name(module: torch.nn.Module) -> str | None:
     """The dtype of a module's floating-point weights, as config.json names it (None when it has none)."""
     dtypes = {p.dtype for p in module.state_dict().values() if p.is_floating_point()}
@@ -68,7 +78,8 @@ def config_of(model) -> dict:
         known = SLOT_CLASSES[name]
         if known.get(type(module).__name__) is not type(module):
             raise ValueError(f"cannot save a {type(module).__name__} as the {name}: the folder format knows "
-                             f"{', '.join(known)} (add the class to model_folder.SLOT_CLASSES)")
+                             f"{', '.join(known)}; minildm.model_folder.register({name!r}, {type(module).__name__}) "
+                             f"adds it")
         return {"class": type(module).__name__, "config": module.config_dict(), "torch_dtype": _dtype_name(module)}
 
     return {"format": FORMAT, "version": VERSION, "image_size": model.image_size,
@@ -108,9 +119,10 @@ def load(model_class, directory: str | os.PathLike, device: str | torch.device =
         raise FileNotFoundError(f"no model folder at {directory}")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a minildm model: it has no config.json")
+    torch_dtype = None if torch_dtype == "auto" else DTYPES.get(torch_dtype, torch_dtype)  # names as diffusers'
     if torch_dtype is not None and torch_dtype not in DTYPES.values():
-        raise TypeError(f"torch_dtype must be one of {', '.join(f'torch.{n}' for n in DTYPES)} or None, "
-                        f"got {torch_dtype!r}")
+        raise TypeError(f"torch_dtype must be one of {', '.join(f'torch.{n}' for n in DTYPES)}, their names, "
+                        f"'auto' or None, got {torch_dtype!r}")
     config = read_json(directory / "config.json")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{directory / 'config.json'} is not a minildm LatentDiffusion config")

@@ -20,10 +20,12 @@ factor. That makes a latent training step cost a backbone call, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,17 @@ class TrainingConfig:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.checkpoint_dir is None and (self.resume or self.checkpoint_every is not None):
+            raise ValueError("resume and checkpoint_every need a checkpoint_dir to read and write the training state")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'mps', got "
+                                 f"{self.device!r}") from e
 
     @classmethod
     def for_autoencoder(cls, **changes) -> TrainingConfig:
@@ -157,8 +170,17 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
     history: dict[str, list[float]] = {"loss": []}
     step = 0
     checkpoint_dir = config.checkpoint_dir
-    if config.resume and checkpoint_dir is not None and (readable_directory(checkpoint_dir) / "trainer.json").is_file():
-        step, history = load_training_state(checkpoint_dir, state)
+    if checkpoint_dir is not None:
+        found = readable_directory(checkpoint_dir)
+        model_files = [n for n in ("config.json", "autoencoder.json") if (found / n).is_file()]
+        if model_files and not (found / "trainer.json").is_file():
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} holds a saved model ({model_files[0]}): a training "
+                             f"checkpoint would overwrite its weights; give the checkpoint a folder of its own")
+        if config.resume and (found / "trainer.json").is_file():
+            step, history = load_training_state(checkpoint_dir, state)
+        if config.resume and rank == 0 and config.progress:
+            print(f"{name}: resuming from step {step} in {checkpoint_dir}" if step else
+                  f"{name}: no checkpoint in {checkpoint_dir} yet: starting a new run")
     saved_step = step if step > 0 else None  # the step of the checkpoint on disk, named if a step goes wrong
     history.setdefault("skipped_steps", [])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
@@ -240,6 +262,9 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
             distributed.barrier()  # the other ranks wait for rank 0's callback
             start += time.perf_counter() - began  # the budget is for training: time in callbacks is not counted
     bar.close()
+    if history["skipped_steps"]:
+        warnings.warn(f"{name}: {len(history['skipped_steps'])} of {step} steps were skipped for a loss or gradient "
+                      f"that was not finite (history['skipped_steps'])", UserWarning, stacklevel=3)
     history["seconds"] = [time.perf_counter() - start]
     history["steps"] = [step]
     if checkpoint_dir is not None and rank == 0:
@@ -249,7 +274,17 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
     return history
 
 
-def _check_config(config, default: TrainingConfig) -> TrainingConfig:
+def _check_config(config, default: TrainingConfig, function: str, keywords: dict) -> TrainingConfig:
+    """`config`, or `default` when None; a TypeError for keywords that are TrainingConfig's fields (the training
+    functions took them directly before), saying where they go now."""
+    if keywords:
+        fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+        unknown = [k for k in keywords if k not in fields]
+        if unknown:
+            raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+        settings = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+        raise TypeError(f"{function}() takes the loop's settings in a TrainingConfig: "
+                        f"{function}(..., TrainingConfig({settings}))")
     if config is None:
         return default
     if not isinstance(config, TrainingConfig):
@@ -277,6 +312,7 @@ def train_autoencoder(
     discriminator_weight: float = 0.1,
     discriminator_start: int = 0,
     callback=None,
+    **settings,
 ) -> dict[str, list[float]]:
     """Train the autoencoder on images (N, C, H, W) in [-1, 1]; then estimate its scaling factor.
 
@@ -291,7 +327,7 @@ def train_autoencoder(
     "adversarial" once the discriminator is on), plus "skipped_steps", "seconds" and "steps". Raises
     TypeError / ValueError for arguments of the wrong kind, FloatingPointError for a non-finite step.
     """
-    config = _check_config(config, TrainingConfig.for_autoencoder())
+    config = _check_config(config, TrainingConfig.for_autoencoder(), "train_autoencoder", settings)
     if not isinstance(autoencoder, AutoencoderKL):
         raise TypeError(f"autoencoder must be an AutoencoderKL, got {type(autoencoder).__name__}")
     check_images(images, "images", autoencoder.in_channels, autoencoder.downsampling_factor)
@@ -304,7 +340,8 @@ def train_autoencoder(
     if not isinstance(discriminator_start, numbers.Integral) or discriminator_start < 0:
         raise ValueError(f"discriminator_start must be an integer >= 0, got {discriminator_start!r}")
     device, mine = _start(config)
-    autoencoder.to(device).train().requires_grad_(True)  # a LatentDiffusion freezes it; here it learns
+    frozen = [p for p in autoencoder.parameters() if not p.requires_grad]  # a LatentDiffusion's first stage is
+    autoencoder.to(device).train().requires_grad_(True)  # frozen; here it learns, and is frozen again at the end
     dtype = next(autoencoder.parameters()).dtype  # float32 images are cast to a bf16 / fp16 model's dtype
     latent_shape = (config.batch_size, autoencoder.latent_channels,
                     *(size // autoencoder.downsampling_factor for size in images.shape[2:]))
@@ -335,6 +372,8 @@ def train_autoencoder(
     with explain_missing_kernels(device, dtype):
         history = _run("autoencoder", {"autoencoder": autoencoder}, loss_fn, config, device, callback, extra_learners)
     autoencoder.eval()
+    for p in frozen:
+        p.requires_grad_(False)
     # Every rank estimates the same factor: the same images and the same seeded posterior samples.
     autoencoder.estimate_scaling_factor(images[:2048].to(device, dtype),
                                         generator=torch.Generator().manual_seed(config.seed))
@@ -362,6 +401,7 @@ def train_ldm(
     *,
     caption_dropout: float = 0.1,
     callback=None,
+    **settings,
 ) -> dict[str, list[float]]:
     """Train the backbone and the conditioner on (image, caption) pairs; the first stage stays frozen.
 
@@ -375,7 +415,7 @@ def train_ldm(
     Returns the history ("loss" per step, "skipped_steps", "seconds", "steps"). Raises TypeError /
     ValueError for arguments of the wrong kind, FloatingPointError for a non-finite step.
     """
-    config = _check_config(config, TrainingConfig())
+    config = _check_config(config, TrainingConfig(), "train_ldm", settings)
     if not isinstance(ldm, LatentDiffusion):
         raise TypeError(f"ldm must be a LatentDiffusion, got {type(ldm).__name__}")
     check_images(images, "images", ldm.first_stage.in_channels, ldm.first_stage.downsampling_factor)

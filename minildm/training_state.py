@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
-from .checkpoint import load_module_weights, load_weights, save_weights
+from .checkpoint import check_state_dict, load_weights, save_weights, stored_dtype
 from .ema import EMAModel
 
 
@@ -49,6 +49,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _dtype(module: nn.Module) -> torch.dtype | None:
+    return next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), None)
 
 
 def _numbered(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,11 +88,24 @@ def load_training_state(directory, state: TrainingState) -> tuple[int, dict]:
     FileNotFoundError for a missing file, ValueError for state that does not fit these objects."""
     directory = readable_directory(directory)
     meta = read_json(directory / "trainer.json")
+    weights = {name: load_weights(directory / f"{name}.safetensors") for name in state.modules}
+    for name, module in state.modules.items():  # every check before anything is changed
+        saved, ours = stored_dtype(weights[name], directory / f"{name}.safetensors"), _dtype(module)
+        if saved is not None and ours is not None and saved != ours:
+            raise ValueError(f"the checkpoint in {directory} was saved by a run whose {name} was {saved}, but this "
+                             f"{name} is {ours}: cast the model with .to({saved}) to resume, or use a new folder")
+        check_state_dict(module.state_dict(), weights[name], str(directory / f"{name}.safetensors"))
+    if (state.ema is None) != (meta.get("ema") is None):
+        saved_with = "with" if state.ema is None else "without"
+        raise ValueError(f"the checkpoint in {directory} was saved by a run {saved_with} an EMA of the weights: "
+                         f"resume with the ema_decay it was saved with")
+    for name in state.extra_optimizers:
+        if name not in meta.get("extra_param_groups", {}):
+            raise ValueError(f"the checkpoint in {directory} has no state for the {name} optimizer; it was saved "
+                             f"by a run without a {name}")
     for name, module in state.modules.items():
-        load_module_weights(module, directory / f"{name}.safetensors")
+        module.load_state_dict(weights[name])
     if state.ema is not None:
-        if meta.get("ema") is None:
-            raise ValueError(f"the checkpoint in {directory} has no EMA weights; it was saved by a run without EMA")
         shadow = load_weights(directory / "ema.safetensors")
         state.ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     if state.float_copies is not None:
@@ -100,9 +117,6 @@ def load_training_state(directory, state: TrainingState) -> tuple[int, dict]:
     state.generator.set_state(tensors.pop("rng"))
     _load_optimizer(state.optimizer, tensors, meta["param_groups"])
     for name, extra in state.extra_optimizers.items():
-        if name not in meta.get("extra_param_groups", {}):
-            raise ValueError(f"the checkpoint in {directory} has no state for the {name} optimizer; it was saved "
-                             f"by a run without a {name}")
         _load_optimizer(extra, load_weights(directory / f"{name}_optimizer.safetensors"),
                         meta["extra_param_groups"][name])
     return meta["step"], meta["history"]

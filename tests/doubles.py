@@ -103,6 +103,10 @@ class CountConditioner(nn.Module):
     def config_dict(self) -> dict:
         return {"hidden_size": self.hidden_size}
 
+    @classmethod
+    def from_config_dict(cls, config: dict):
+        return cls(**config)
+
 
 class HeunLikeSampler:
     """Heun's method on the probability-flow ODE in σ (Karras et al. 2022, Algorithm 1 without churn) for an

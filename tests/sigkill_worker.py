@@ -47,9 +47,9 @@ def train(checkpoint_dir: str | None, reference_path: str | None = None) -> None
     def record(step):
         digests[step] = digest(autoencoder)
 
+    checkpoints = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 1, "resume": True} if checkpoint_dir else {}
     config = TrainingConfig.for_autoencoder(steps=STEPS, batch_size=2, device="cpu", progress=False,
-                                            checkpoint_dir=checkpoint_dir, checkpoint_every=1, resume=True,
-                                            callback_every=1)
+                                            callback_every=1, **checkpoints)
     train_autoencoder(autoencoder, images(), config, callback=record if reference_path else None)
     if reference_path:
         with open(reference_path, "w") as f:

@@ -92,7 +92,7 @@ def test_samplers_built_for_another_model_are_refused():
         ldm.generate(CAPTIONS[:1], 2, sampler="ddpm")
     with pytest.raises(TypeError, match="Sampler slot.*has no timesteps, init_noise_sigma"):
         ldm.generate(CAPTIONS[:1], 2, sampler=object())
-    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and 1000"):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer between 1 and 1000"):
         ldm.generate(CAPTIONS[:1], 1001)
 
 

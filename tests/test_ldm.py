@@ -246,3 +246,22 @@ def test_generate_samples_without_dropout_and_restores_training_mode():
     ldm.backbone.train()  # only a part training (as a training loop leaves it): still no dropout
     assert torch.equal(sample(), reference)
     assert not ldm.backbone.training
+
+
+def test_the_old_names_point_to_the_new_ones(tiny_ldm):
+    for old, new in (("unet", "backbone"), ("autoencoder", "first_stage"), ("text_encoder", "conditioner")):
+        with pytest.raises(AttributeError, match=f"LatentDiffusion.{old} is now .{new}"):
+            getattr(tiny_ldm, old)
+    with pytest.raises(AttributeError, match="nothing_like_it"):
+        tiny_ldm.nothing_like_it  # noqa: B018
+    with pytest.raises(TypeError, match=r"ldm.generate\(prompts\) makes images"):
+        tiny_ldm("a red circle")
+    with pytest.raises(ValueError, match="make_sampler builds the sampler for this model's schedule and prediction"):
+        tiny_ldm.make_sampler("ddim", prediction_type="v_prediction")
+
+
+def test_diffusers_schedulers_are_told_apart():
+    diffusers = pytest.importorskip("diffusers")
+    ldm = make_tiny_ldm()
+    with pytest.raises(TypeError, match="diffusers' DDIMScheduler does not fill minildm's sampler slot"):
+        ldm.generate(CAPTIONS[:1], 2, sampler=diffusers.DDIMScheduler())

@@ -35,6 +35,17 @@ def test_version_1_folders_load_and_generate_what_they_did(name):
         assert isinstance(ldm.first_stage, AutoencoderKL)
 
 
+def test_a_version_2_folder_loads_in_its_dtype_and_generates_what_it_did():
+    # Written by this version (2) from the version-1 pixel model cast to bf16, with the images it generated
+    # (the default sampler, 4 steps, guidance 3, seed 0). Every later version must keep reading it.
+    ldm = LatentDiffusion.load(FIXTURES / "ldm_v2_bf16_pixels")
+    assert json.loads((FIXTURES / "ldm_v2_bf16_pixels" / "config.json").read_text())["version"] == 2
+    assert ldm.dtype == torch.bfloat16 and isinstance(ldm.first_stage, PixelSpace)
+    images = ldm.generate(CAPTIONS[:2], 4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    expected = load_file(FIXTURES / "ldm_v2_bf16_pixels_expected_images.safetensors")["images"]
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-2)  # bf16: other CPUs may round differently
+
+
 def test_a_version_1_folder_saves_as_version_2_with_the_same_model(tmp_path):
     ldm = LatentDiffusion.load(FIXTURES / "ldm_v1")
     ldm.save(tmp_path / "v2")
@@ -78,6 +89,9 @@ def test_a_half_precision_model_loads_back_in_its_dtype(tmp_path, dtype):
         assert torch.equal(a, b), key
     as_float = LatentDiffusion.load(tmp_path / "half", torch_dtype=torch.float32)  # diffusers' name
     assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+    assert {p.dtype for p in LatentDiffusion.load(tmp_path / "half", torch_dtype="float32").parameters()} == {
+        torch.float32}
+    assert {p.dtype for p in LatentDiffusion.load(tmp_path / "half", torch_dtype="auto").parameters()} == {dtype}
     with pytest.raises(TypeError, match="torch_dtype must be one of"):
         LatentDiffusion.load(tmp_path / "half", torch_dtype="bf16")
 
@@ -116,11 +130,22 @@ def test_a_version_1_folder_without_its_vocabulary_says_so(tmp_path):
         LatentDiffusion.load(tmp_path / "v1")
 
 
-def test_a_slot_filler_the_format_does_not_know_cannot_be_saved(tmp_path):
+def test_a_slot_filler_of_your_own_is_saved_once_registered(tmp_path, monkeypatch):
     from doubles import CountConditioner
+
+    from minildm import model_folder
 
     ldm = make_tiny_ldm()
     ldm = LatentDiffusion(ldm.first_stage, ldm.backbone, ldm.schedule, CountConditioner(16), image_size=16)
-    with pytest.raises(ValueError, match="cannot save a CountConditioner as the conditioner.*SLOT_CLASSES"):
+    with pytest.raises(ValueError, match=r"cannot save a CountConditioner as the conditioner.*"
+                                         r"register\('conditioner', CountConditioner\) adds it"):
         ldm.save(tmp_path / "model")
     assert not (tmp_path / "model").exists()  # refused before anything was written
+    monkeypatch.setitem(model_folder.SLOT_CLASSES, "conditioner", dict(model_folder.SLOT_CLASSES["conditioner"]))
+    model_folder.register("conditioner", CountConditioner)
+    ldm.save(tmp_path / "model")
+    loaded = LatentDiffusion.load(tmp_path / "model")
+    assert isinstance(loaded.conditioner, CountConditioner)
+    assert torch.equal(loaded.conditioner.direction, ldm.conditioner.direction)
+    with pytest.raises(ValueError, match="slot must be one of"):
+        model_folder.register("text", CountConditioner)

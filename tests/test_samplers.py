@@ -290,7 +290,7 @@ def test_errors_name_the_argument(sampler_class):
         with pytest.raises(ValueError, match="set_timesteps"):
             sampler.step(x, 1, x)
     for bad in (0, T + 1):
-        with pytest.raises(ValueError, match=f"num_inference_steps must be between 1 and 1000, got {bad}"):
+        with pytest.raises(ValueError, match=f"num_inference_steps must be an integer between 1 and 1000, got {bad}"):
             sampler.set_timesteps(bad)
     with pytest.raises(ValueError, match="timestep_spacing"):
         sampler_class(schedule, timestep_spacing="uniform")

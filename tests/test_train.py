@@ -390,3 +390,63 @@ def test_train_ldm_is_the_loop_written_out():
             p.copy_(s)
     for (name, a), b in zip(trained.state_dict().items(), by_hand.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_config_mistakes_are_caught_before_training():
+    for changes, match in [({"resume": True}, "need a checkpoint_dir"),
+                           ({"checkpoint_every": 5}, "need a checkpoint_dir"),
+                           ({"resume": "yes", "checkpoint_dir": "x"}, "resume must be True or False"),
+                           ({"progress": "no"}, "progress must be True or False"),
+                           ({"device": "gpu"}, "device must be a torch device")]:
+        with pytest.raises(ValueError, match=match):
+            TrainingConfig(**changes)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
+    ldm, images = make_tiny_ldm(), tiny_images(4)
+    with pytest.raises(TypeError, match=r"takes the loop's settings in a TrainingConfig: "
+                                        r"train_ldm\(\.\.\., TrainingConfig\(steps=5, lr=0\.01\)\)"):
+        train_ldm(ldm, images, CAPTIONS[:2] * 2, steps=5, lr=0.01)  # minildm 0.1's keywords
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        train_autoencoder(tiny_autoencoder(), images, stepz=5)
+
+
+def test_a_model_folder_is_not_taken_for_a_checkpoint(tmp_path):
+    ldm = make_tiny_ldm()
+    ldm.save(tmp_path / "model")
+    before = (tmp_path / "model" / "backbone.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds a saved model \\(config.json\\).*a folder of its own"):
+        train_ldm(ldm, tiny_images(4), CAPTIONS[:2] * 2, cfg(steps=2, batch_size=2, checkpoint_dir=tmp_path / "model",
+                                                            resume=True))
+    assert (tmp_path / "model" / "backbone.safetensors").read_bytes() == before
+
+
+def test_resuming_with_another_dtype_or_ema_says_so_and_changes_nothing(tmp_path, capsys):
+    images, captions = tiny_images(4), CAPTIONS[:2] * 2
+    train_ldm(make_tiny_ldm().to(torch.bfloat16), images, captions, cfg(steps=2, batch_size=2,
+                                                                        checkpoint_dir=tmp_path / "ckpt"))
+    ldm = make_tiny_ldm()
+    before = {k: v.clone() for k, v in ldm.state_dict().items()}
+    with pytest.raises(ValueError, match="saved by a run whose backbone was torch.bfloat16, but this backbone is "
+                                         "torch.float32: cast the model with .to\\(torch.bfloat16\\)"):
+        train_ldm(ldm, images, captions, cfg(steps=4, batch_size=2, checkpoint_dir=tmp_path / "ckpt", resume=True))
+    assert all(torch.equal(v, before[k]) for k, v in ldm.state_dict().items())  # nothing loaded, nothing cast
+    with pytest.raises(ValueError, match="saved by a run with an EMA.*resume with the ema_decay it was saved with"):
+        train_ldm(make_tiny_ldm().to(torch.bfloat16), images, captions,
+                  cfg(steps=4, batch_size=2, checkpoint_dir=tmp_path / "ckpt", resume=True, ema_decay=0.0))
+    train_ldm(make_tiny_ldm(), images, captions, cfg(steps=1, batch_size=2, checkpoint_dir=tmp_path / "new",
+                                                     resume=True, progress=True))
+    assert "no checkpoint in" in capsys.readouterr().out  # a new run, said so
+
+
+def test_a_run_that_skipped_every_step_warns():
+    images = tiny_images(4)
+    images[:] = float("nan")
+    with pytest.warns(UserWarning, match="3 of 3 steps were skipped"):
+        train_ldm(make_tiny_ldm(), images, CAPTIONS[:2] * 2, cfg(steps=3, batch_size=2, nan_policy="skip"))
+
+
+def test_training_the_first_stage_of_a_model_leaves_it_frozen():
+    ldm = make_tiny_ldm()
+    train_autoencoder(ldm.first_stage, tiny_images(4), ae_cfg(steps=1, batch_size=2))
+    assert not any(p.requires_grad for p in ldm.first_stage.parameters())

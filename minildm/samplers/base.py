@@ -102,7 +102,7 @@ class BaseSampler:
         T = self.schedule.num_train_timesteps
         n = num_inference_steps
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= T:
-            raise ValueError(f"num_inference_steps must be between 1 and {T}, got {n!r}")
+            raise ValueError(f"num_inference_steps must be an integer between 1 and {T}, got {n!r}")
         # numpy, not torch, because diffusers uses numpy and the two round some values differently.
         if self.timestep_spacing == "leading":
             timesteps = np.arange(0, n)[::-1] * (T // n) + self.steps_offset
