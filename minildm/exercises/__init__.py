@@ -20,13 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import forward_process
+from . import (
+    attention,
+    autoencoder,
+    forward_process,
+    latent_diffusion,
+    pixel_diffusion,
+    samplers,
+    text_to_image,
+    unet,
+)
 from .core import Exercise, Mistake, evaluate
 
 __all__ = ["Exercise", "Mistake", "EXERCISES", "check", "describe", "names", "solution", "use"]
 
-EXERCISES: dict[str, Exercise] = {exercise.name: exercise for module in (forward_process,)
-                                  for exercise in module.EXERCISES}
+_NOTEBOOKS = (forward_process, autoencoder, attention, unet, pixel_diffusion, latent_diffusion, samplers,
+              text_to_image)  # in the course's order
+EXERCISES: dict[str, Exercise] = {exercise.name: exercise for module in _NOTEBOOKS for exercise in module.EXERCISES}
 
 
 def _exercise(name: str) -> Exercise:

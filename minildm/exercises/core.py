@@ -186,3 +186,28 @@ def _short(value) -> str:
     if isinstance(value, torch.nn.Module):
         return type(value).__name__
     return f"{value!r:.30}"
+
+
+def run_module(cls, case: dict):
+    """The output of a module exercise: build `cls(**case["init"])`, give it the weights of minildm's module
+    (`case["weights"]`, a state dict: the student's parameters must have minildm's names and shapes), and call
+    it on `case["inputs"]` without gradients. Raises ValueError naming the parameters that do not match."""
+    module = cls(**case["init"])
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module class, got {type(module).__name__}")
+    ours = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    theirs = {name: tuple(value.shape) for name, value in case["weights"].items()}
+    if ours != theirs:
+        missing = sorted(set(theirs) - set(ours))
+        extra = sorted(set(ours) - set(theirs))
+        shapes = [f"{n} {ours[n]} (expected {theirs[n]})" for n in sorted(set(ours) & set(theirs))
+                  if ours[n] != theirs[n]]
+        raise ValueError("your module's parameters must have minildm's names and shapes, so that its weights load: "
+                         + "; ".join(part for part in (f"missing {', '.join(missing[:6])}" if missing else "",
+                                                       f"not in minildm's {', '.join(extra[:6])}" if extra else "",
+                                                       f"other shapes: {', '.join(shapes[:4])}" if shapes else "")
+                                     if part))
+    module.load_state_dict(case["weights"])
+    module.eval()
+    with torch.no_grad():
+        return module(**case["inputs"])
