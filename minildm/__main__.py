@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -43,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
                                                            "solutions taken out, outputs cleared")
     student.add_argument("notebook_dir", help="the folder of the course's notebooks (notebooks/)")
     student.add_argument("out_dir", help="where to write the student versions")
+    otter = exercise_commands.add_parser("otter", help="write a notebook in otter-grader's format, for otter assign")
+    otter.add_argument("notebook", help="a course notebook, e.g. notebooks/01_forward_process.ipynb")
+    otter.add_argument("out", help="the master notebook to write")
 
     args = parser.parse_args(argv)
     if args.command == "exercises":
         from . import exercises as course_exercises
+        from .exercises.otter import otter_master
         from .exercises.student import write_student_versions
 
         if args.exercise_command == "list":
@@ -54,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(course_exercises.describe(name), end="\n\n")
             return 0
         try:
+            if args.exercise_command == "otter":
+                notebook = Path(args.notebook)
+                master = otter_master(json.loads(notebook.read_text()), notebook.stem)
+                Path(args.out).write_text(json.dumps(master, indent=1, ensure_ascii=False) + "\n")
+                print(f"wrote {args.out}: run `otter assign {args.out} OUT_DIR --no-pdfs`")
+                return 0
             written = write_student_versions(args.notebook_dir, args.out_dir)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -32,7 +32,7 @@ from . import (
 )
 from .core import Exercise, Mistake, evaluate
 
-__all__ = ["Exercise", "Mistake", "EXERCISES", "check", "describe", "names", "solution", "use"]
+__all__ = ["Exercise", "Mistake", "EXERCISES", "check", "describe", "names", "passed", "solution", "use"]
 
 _NOTEBOOKS = (forward_process, autoencoder, attention, unet, pixel_diffusion, latent_diffusion, samplers,
               text_to_image)  # in the course's order
@@ -76,10 +76,20 @@ def check(name: str, fn: Callable, verbose: bool = True) -> bool:
     return result.passed
 
 
+_submitted: dict[str, Callable] = {}  # the student's own function of each exercise, as use() last saw it
+
+
 def use(name: str, fn: Callable) -> Callable:
     """check(name, fn), then the function to go on with: yours if it passed, else minildm's reference (and it
-    says so), so that the rest of a notebook runs either way."""
+    says so), so that the rest of a notebook runs either way. Your function is kept for passed(name)."""
+    _submitted[_exercise(name).name] = fn
     if check(name, fn):
         return fn
     print(f"  (going on with minildm's reference {name} until yours passes)")
     return solution(name)
+
+
+def passed(name: str) -> bool:
+    """Whether the function last given to use(name, ...) passes, checked again quietly: what a grader asks
+    (otter-grader's tests call it), since use() itself hands on the reference when yours fails."""
+    return name in _submitted and check(name, _submitted[name], verbose=False)
