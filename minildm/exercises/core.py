@@ -181,6 +181,9 @@ def _hint(exercise: Exercise, fn, case: dict, got, problem: str) -> str:
 
 
 def _short(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}" if len(value) <= 6 \
+            else f"a dict of {len(value)}"
     if torch.is_tensor(value):
         return f"tensor{tuple(value.shape)}" if value.numel() > 4 else f"{value.tolist()}"
     if isinstance(value, torch.nn.Module):
@@ -192,7 +195,8 @@ def run_module(cls, case: dict):
     """The output of a module exercise: build `cls(**case["init"])`, give it the weights of minildm's module
     (`case["weights"]`, a state dict: the student's parameters must have minildm's names and shapes), and call
     it on `case["inputs"]` without gradients. Raises ValueError naming the parameters that do not match."""
-    module = cls(**case["init"])
+    with torch.random.fork_rng(devices=[]):  # building a module draws weights: leave the notebook's random state
+        module = cls(**case["init"])
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module class, got {type(module).__name__}")
     ours = {name: tuple(value.shape) for name, value in module.state_dict().items()}
@@ -207,6 +211,7 @@ def run_module(cls, case: dict):
                                                        f"not in minildm's {', '.join(extra[:6])}" if extra else "",
                                                        f"other shapes: {', '.join(shapes[:4])}" if shapes else "")
                                      if part))
+    module.to(next(iter(case["weights"].values())).dtype)  # a float64 case runs in float64
     module.load_state_dict(case["weights"])
     module.eval()
     with torch.no_grad():
