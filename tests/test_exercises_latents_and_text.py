@@ -10,7 +10,7 @@ from conftest import CAPTIONS
 from minildm import exercises
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
 from minildm.exercises.student import strip_solutions
-from minildm.text import Tokenizer
+from minildm.text import Tokenizer, split_words
 
 
 def _generator(seed):
@@ -131,3 +131,35 @@ def test_the_debug_stubs_are_the_bug_their_task_describes(capsys):
         exec(student, namespace)  # the cell a student starts from
         assert not exercises.check(name, namespace[name])
         assert exercise.mistakes[0].hint in capsys.readouterr().out
+
+
+# ---- other correct answers pass ----------------------------------------------------------------------------------
+
+
+def _tokenize_by_index(prompt, vocab, max_length):
+    ids = torch.zeros(max_length, dtype=torch.long)  # <pad> is id 0
+    words = ["<bos>"] + [w if w in vocab else "<unk>" for w in split_words(prompt)][: max_length - 2] + ["<eos>"]
+    ids[: len(words)] = torch.tensor([vocab.index(w) for w in words])
+    return ids
+
+
+OTHER_CORRECT_ANSWERS = {
+    "reparameterize": lambda mean, logvar, noise: mean + torch.sqrt(torch.exp(logvar)) * noise,
+    "kl_divergence": lambda mean, logvar: -0.5 * torch.sum(1 + logvar - mean.pow(2) - logvar.exp(), dim=[1, 2, 3]),
+    "scale_latents": lambda latents: latents / ((latents - latents.mean()) ** 2).mean().sqrt(),  # the paper's ÷ N
+    "encode_to_latents": lambda mean, std, noise, scaling_factor: mean * scaling_factor + std * noise * scaling_factor,
+    "decode_latents": lambda latents, scaling_factor, decoder: torch.clamp(
+        decoder(latents * (1 / scaling_factor)) * 0.5 + 0.5, 0, 1),
+    "latents_to_uint8": lambda latents, scaling_factor, decoder: torch.clamp(
+        decoder(latents * (1 / scaling_factor)) * 127.5 + 127.5, 0, 255).round().byte().permute(0, 2, 3, 1),
+    "classifier_free_guidance": lambda noise_uncond, noise_cond, guidance_scale: (1 - guidance_scale) * noise_uncond
+    + guidance_scale * noise_cond,  # eq. (6)'s own form, (1 + w) ε_c - w ε_u
+    "guided_prediction": lambda model_output, guidance_scale: guidance_scale * model_output[len(model_output) // 2:]
+    + (1 - guidance_scale) * model_output[: len(model_output) // 2],
+    "tokenize": _tokenize_by_index,
+}
+
+
+def test_other_correct_answers_pass(capsys):
+    for name, answer in OTHER_CORRECT_ANSWERS.items():
+        assert exercises.check(name, answer), capsys.readouterr().out
