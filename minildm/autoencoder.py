@@ -13,7 +13,7 @@ downloaded here. In its place minildm adds a squared error: L1 alone lets a few 
 corner of a small square rounded off) cost little, the square makes them count. Measured on
 ShapesDataset, 1200 steps: PSNR 32.6 dB -> 35.5 dB, shapes read back correctly 89% -> 92%.
 
-Scaling factor (appendix G): the diffusion model wants latents of unit variance, so latents are
+Scaling factor (sections 4.3.2 and D.1): the diffusion model wants latents of unit variance, so latents are
 multiplied by scaling_factor = 1 / std(z) estimated on training data. Stable Diffusion's 0.18215 is
 exactly this number for its autoencoder. It is stored in the config and saved with the model.
 
@@ -276,7 +276,7 @@ class AutoencoderKL(nn.Module):
     @torch.no_grad()
     def estimate_scaling_factor(self, images: torch.Tensor, batch_size: int = 256,
                                 generator: torch.Generator | None = None) -> float:
-        """1 / std of posterior samples over `images` (appendix G); sets config.scaling_factor and returns it."""
+        """1 / std of posterior samples over `images` (sections 4.3.2 and D.1); sets config.scaling_factor and returns it."""
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         latents = torch.cat([self.encode(batch).sample(generator) for batch in batches])  # (N, c, h, w)
         self.config.scaling_factor = float(1.0 / latents.flatten().std())

@@ -43,7 +43,7 @@ class LatentDistribution(Protocol):
 class FirstStage(Protocol):
     """Perceptual compression: images (B, C, H, W) in [-1, 1] <-> unscaled latents (B, c, H/f, W/f).
 
-    The pipeline diffuses z_0 = scaling_factor · E(x) and decodes D(z_0 / scaling_factor) (LDM appendix G:
+    The pipeline diffuses z_0 = scaling_factor · E(x) and decodes D(z_0 / scaling_factor) (LDM sections 4.3.2 and D.1:
     the factor gives the latents unit variance). H and W must be multiples of f.
     """
 

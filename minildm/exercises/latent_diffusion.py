@@ -1,7 +1,7 @@
 """Exercises of notebook 06, diffusion in latent space: z_0 = s · E(x) on the way in, x = D(z_0 / s) on the way out.
 
 Notation as in ldm.py: E and D the autoencoder's encoder and decoder, q(z | x) = N(μ, σ²) the posterior, s the
-scaling factor (appendix G), images in [-1, 1] for the autoencoder and in [0, 1] (or 0 .. 255) to look at.
+scaling factor (sections 4.3.2 and D.1), images in [-1, 1] for the autoencoder and in [0, 1] (or 0 .. 255) to look at.
 Each solution below is the code of the notebook's solution cell (between # BEGIN SOLUTION and # END SOLUTION);
 each Mistake is a wrong answer students write, with the hint it earns.
 """
@@ -48,7 +48,7 @@ ENCODE_TO_LATENTS = Exercise(
     name="encode_to_latents", notebook="06_latent_diffusion",
     task="encode_to_latents(mean, std, noise, scaling_factor) -> z_0 (B, c, h, w): the scaled latents of a batch "
          "of images, from their posterior's mean μ and std σ (B, c, h, w) and the noise ε, as train_ldm makes them.",
-    source=f"{SOURCE_LDM}, section 3.2 (the diffusion model learns on z = E(x), eq. (2)) and appendix G (the "
+    source=f"{SOURCE_LDM}, section 3.2 (the diffusion model learns on z = E(x), eq. (2)) and sections 4.3.2, D.1 (the "
            "latents rescaled to unit variance: z_0 = s · z)",
     solution=encode_to_latents, cases=_encode_cases,  # LatentDiffusion.encode_images gives the same (own tests)
     mistakes=(
@@ -117,7 +117,7 @@ DECODE_LATENTS = Exercise(
     name="decode_latents", notebook="06_latent_diffusion",
     task="decode_latents(latents, scaling_factor, decoder) -> images (B, C, H, W) in [0, 1]: the sampler's scaled "
          "latents z_0 (B, c, h, w) through the decoder (a function, the autoencoder's decode, which gives [-1, 1]).",
-    source=f"{SOURCE_LDM}, section 3.2 (a sample of p(z) goes to image space in one pass through D) and appendix G "
+    source=f"{SOURCE_LDM}, section 3.2 (a sample of p(z) goes to image space in one pass through D) and sections 4.3.2, D.1 "
            "(the latents were scaled by s: the decoder gets z_0 / s)",
     solution=decode_latents, cases=_decode_cases,
     reference=lambda latents, scaling_factor, decoder: decoder.ldm.decode_latents(latents),
@@ -166,7 +166,7 @@ LATENTS_TO_UINT8 = Exercise(
          "0 .. 255 ends a sampling loop: it turns the sampler's z_0 (B, c, h, w) into pictures to save. As written, "
          "its pictures come out faint and washed-out (with another autoencoder, saturated), though the model trained "
          "well. Find the bug and repair it.",
-    source=f"{SOURCE_LDM}, appendix G: the diffusion model works on z_0 = s · E(x), so its samples are decoded as "
+    source=f"{SOURCE_LDM}, sections 4.3.2 and D.1: the diffusion model works on z_0 = s · E(x), so its samples are decoded as "
            "D(z_0 / s)",
     solution=latents_to_uint8, cases=_decode_cases, stub=LATENTS_TO_UINT8_STUB,
     mistakes=(
