@@ -221,3 +221,70 @@ def test_the_student_notebook_starts_from_the_broken_loop(capsys):
     out = capsys.readouterr().out
     assert "✗ ddim_sample" in out and exercises.EXERCISES["ddim_sample"].mistakes[0].hint in out
     assert namespace["ddim_sample"] is exercises.solution("ddim_sample")
+
+
+# ---- other correct answers pass ----------------------------------------------------------------------------------
+
+
+def test_other_correct_answers_pass():
+    def posterior_by_precision(x0, x_t, t, alphas_cumprod):  # Bayes' rule, with python floats
+        alpha_bar_t = alphas_cumprod[t].item()
+        alpha_bar_prev = alphas_cumprod[t - 1].item() if t > 0 else 1.0
+        alpha = alpha_bar_t / alpha_bar_prev
+        if t == 0:
+            return x0, 0.0
+        precision = alpha / (1 - alpha) + 1 / (1 - alpha_bar_prev)
+        mean = (alpha**0.5 / (1 - alpha) * x_t + alpha_bar_prev**0.5 / (1 - alpha_bar_prev) * x0) / precision
+        return mean, 1 / precision
+
+    def step_as_algorithm_2(eps, t, x_t, noise, alphas_cumprod):  # Ho's Algorithm 2, σ_t² = β̃_t
+        alpha_bar_t = alphas_cumprod[t]
+        alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - alpha_bar_t / alpha_bar_prev
+        mean = (x_t - beta / (1 - alpha_bar_t).sqrt() * eps) / (1 - beta).sqrt()
+        sigma = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta).sqrt()
+        return mean + sigma * noise if t > 0 else mean
+
+    def loss_with_mse_loss(backbone, encode_text, x0, captions, timesteps, noise, dropped, alphas_cumprod):
+        kept = [c if not d else "" for c, d in zip(captions, dropped)]
+        alpha_bar = alphas_cumprod[timesteps][:, None, None, None]  # float64, the noisy sample cast after
+        x_t = (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise).float()
+        return torch.nn.functional.mse_loss(backbone(x_t, timesteps, encode_text(kept)), noise)
+
+    def step_with_in_place_ema(backbone, optimizer, shadow, x_t, timesteps, text_states, noise, decay):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(backbone(x_t, timesteps, text_states), noise).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for average, weight in zip(shadow, backbone.parameters()):
+                average.lerp_(weight, 1 - decay)
+        return shadow
+
+    def ddim_with_floats(eps, x_t, alpha_bar_t, alpha_bar_prev, eta, noise):
+        a_t, a_prev = float(alpha_bar_t), float(alpha_bar_prev)
+        variance = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev - variance) ** 0.5 * eps + variance**0.5 * noise
+
+    def timesteps_from_a_list(num_inference_steps, num_train_timesteps, spacing, steps_offset):
+        return torch.tensor(exercises.solution("inference_timesteps")(
+            num_inference_steps, num_train_timesteps, spacing, steps_offset).tolist())
+
+    def loop_over_pairs(model, x_T, timesteps, alphas_cumprod):
+        x = x_T
+        for t, prev in zip(timesteps, list(timesteps[1:]) + [None]):
+            eps = model(x, t)
+            a_t = alphas_cumprod[t]
+            a_prev = alphas_cumprod[prev] if prev is not None else torch.ones_like(a_t)
+            x = a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
+        return x
+
+    def frechet_as_usually_written(mu1, sigma1, mu2, sigma2):  # Tr((Σ1 Σ2)^½) from the eigenvalues of Σ1 Σ2
+        eigenvalues = torch.linalg.eigvals(sigma1 @ sigma2).real.clamp(min=0)
+        return (mu1 - mu2) @ (mu1 - mu2) + sigma1.trace() + sigma2.trace() - 2 * eigenvalues.sqrt().sum()
+
+    for name, fn in [("ddpm_posterior", posterior_by_precision), ("ddpm_step", step_as_algorithm_2),
+                     ("diffusion_loss", loss_with_mse_loss), ("training_step", step_with_in_place_ema),
+                     ("ddim_step", ddim_with_floats), ("inference_timesteps", timesteps_from_a_list),
+                     ("ddim_sample", loop_over_pairs), ("frechet_distance", frechet_as_usually_written)]:
+        assert exercises.check(name, fn, verbose=False), name

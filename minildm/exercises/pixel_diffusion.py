@@ -236,13 +236,12 @@ CAPTIONS = ("a handwritten digit zero", "a handwritten digit one", "a handwritte
 def tiny_pixel_model() -> LatentDiffusion:
     """A pixel-space LatentDiffusion (first_stage None: z_0 = x_0) small enough for a check: a two-level UNet on
     2-channel images and a one-layer text encoder, float32 like the notebook's model."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    text_encoder = TextEncoder.from_captions(list(CAPTIONS), hidden_size=12, num_layers=1, num_heads=2)
-    unet = UNet2DConditionModel(UNetConfig(in_channels=2, out_channels=2, block_out_channels=(8, 8),
-                                           attention_levels=(False, True), cross_attention_dim=12,
-                                           attention_head_dim=4, norm_num_groups=4))
-    torch.random.set_rng_state(generator_state)  # a check must not change the student's random numbers
+    with torch.random.fork_rng(devices=[]):  # a check must not change the notebook's random numbers
+        torch.manual_seed(0)
+        text_encoder = TextEncoder.from_captions(list(CAPTIONS), hidden_size=12, num_layers=1, num_heads=2)
+        unet = UNet2DConditionModel(UNetConfig(in_channels=2, out_channels=2, block_out_channels=(8, 8),
+                                               attention_levels=(False, True), cross_attention_dim=12,
+                                               attention_head_dim=4, norm_num_groups=4))
     return LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=8).eval()
 
 
@@ -338,10 +337,9 @@ EMA_UNET_CONFIG = UNetConfig(in_channels=2, out_channels=2, block_out_channels=(
 
 def _training_cases(seed):
     g = torch.Generator().manual_seed(300 + seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    backbone = UNet2DConditionModel(EMA_UNET_CONFIG).double()  # float64, as far as the piece allows
-    torch.random.set_rng_state(torch_state)  # a check must not change the student's random numbers
+    with torch.random.fork_rng(devices=[]):  # a check must not change the notebook's random numbers
+        torch.manual_seed(seed)
+        backbone = UNet2DConditionModel(EMA_UNET_CONFIG).double()  # float64, as far as the piece allows
     decay = (2 / 11, 0.1)[seed]  # EMAModel's d at its first update is 2/11: small enough to move in two steps
     steps = []
     for timesteps in ([0, 500 + seed, T - 1], torch.randint(1, T - 1, (3,), generator=g).tolist()):
