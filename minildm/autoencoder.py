@@ -276,7 +276,8 @@ class AutoencoderKL(nn.Module):
     @torch.no_grad()
     def estimate_scaling_factor(self, images: torch.Tensor, batch_size: int = 256,
                                 generator: torch.Generator | None = None) -> float:
-        """1 / std of posterior samples over `images` (sections 4.3.2 and D.1); sets config.scaling_factor and returns it."""
+        """1 / std of posterior samples over `images` (LDM sections 4.3.2 and D.1); sets config.scaling_factor and
+        returns it."""
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         latents = torch.cat([self.encode(batch).sample(generator) for batch in batches])  # (N, c, h, w)
         self.config.scaling_factor = float(1.0 / latents.flatten().std())

@@ -111,7 +111,7 @@ KL_DIVERGENCE = Exercise(
 
 def scale_latents(latents):
     # BEGIN SOLUTION
-    scaling_factor = 1 / latents.std()  # sections 4.3.2, D.1: s = 1 / std of all latent values (0.18215 in Stable Diffusion)
+    scaling_factor = 1 / latents.std()  # s = 1 / std of all the latents (LDM sections 4.3.2, D.1; SD's: 0.18215)
     return scaling_factor * latents  # z · s has unit variance, the scale the noise schedule assumes
     # END SOLUTION
 
@@ -135,8 +135,8 @@ SCALE_LATENTS = Exercise(
     name="scale_latents", notebook="02_autoencoder",
     task="scale_latents(latents) -> z · s (B, c, h, w): the latents multiplied by the scaling factor s = 1 / std, "
          "one number for all of them, so that they have unit variance.",
-    source=f"{SOURCE_LDM}, sections 4.3.2 and D.1: latents rescaled to unit standard deviation, z <- z / σ̂, with σ̂ the std "
-           "of all the latent values of a training batch (the LDM code: 1 / z.flatten().std())",
+    source=f"{SOURCE_LDM}, sections 4.3.2 and D.1: latents rescaled to unit standard deviation, z <- z / σ̂, with σ̂ "
+           "the std of all the latent values of a training batch (the LDM code: 1 / z.flatten().std())",
     solution=scale_latents, cases=_scale_cases,  # AutoencoderKL.estimate_scaling_factor: the same s (own tests)
     mistakes=(
         Mistake("that multiplies by the std: the scaling factor is 1 / std, so that z · s has unit variance",

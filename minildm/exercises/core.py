@@ -216,3 +216,28 @@ def run_module(cls, case: dict):
     module.eval()
     with torch.no_grad():
         return module(**case["inputs"])
+
+
+class Calls(list):
+    """The inputs of several calls of one function (a list of keyword-argument dicts), shown in a check's message
+    by a short description (at most 30 characters are shown) rather than by every tensor."""
+
+    def __init__(self, calls, description: str):
+        super().__init__(calls)
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+
+def stack_calls(fn, case: dict):
+    """The outputs of fn(**call) for each call in case["calls"], stacked into one vector: an exercise whose answer
+    is one number is checked on several inputs at once, so that a constant factor or one wrong input shows.
+    Anything that is not a number comes back as it is, for the check to report."""
+    outputs = [fn(**call) for call in case["calls"]]
+    for output in outputs:
+        if isinstance(output, bool) or not (isinstance(output, (int, float)) or torch.is_tensor(output)):
+            return output
+        if torch.is_tensor(output) and output.numel() != 1:
+            return output
+    return torch.stack([torch.as_tensor(output, dtype=torch.float64).detach().reshape(()) for output in outputs])

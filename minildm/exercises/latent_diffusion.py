@@ -117,8 +117,8 @@ DECODE_LATENTS = Exercise(
     name="decode_latents", notebook="06_latent_diffusion",
     task="decode_latents(latents, scaling_factor, decoder) -> images (B, C, H, W) in [0, 1]: the sampler's scaled "
          "latents z_0 (B, c, h, w) through the decoder (a function, the autoencoder's decode, which gives [-1, 1]).",
-    source=f"{SOURCE_LDM}, section 3.2 (a sample of p(z) goes to image space in one pass through D) and sections 4.3.2, D.1 "
-           "(the latents were scaled by s: the decoder gets z_0 / s)",
+    source=f"{SOURCE_LDM}, section 3.2 (a sample of p(z) goes to image space in one pass through D) and sections "
+           "4.3.2, D.1 (the latents were scaled by s: the decoder gets z_0 / s)",
     solution=decode_latents, cases=_decode_cases,
     reference=lambda latents, scaling_factor, decoder: decoder.ldm.decode_latents(latents),
     mistakes=(
@@ -166,8 +166,8 @@ LATENTS_TO_UINT8 = Exercise(
          "0 .. 255 ends a sampling loop: it turns the sampler's z_0 (B, c, h, w) into pictures to save. As written, "
          "its pictures come out faint and washed-out (with another autoencoder, saturated), though the model trained "
          "well. Find the bug and repair it.",
-    source=f"{SOURCE_LDM}, sections 4.3.2 and D.1: the diffusion model works on z_0 = s · E(x), so its samples are decoded as "
-           "D(z_0 / s)",
+    source=f"{SOURCE_LDM}, sections 4.3.2 and D.1: the diffusion model works on z_0 = s · E(x), so its samples are "
+           "decoded as D(z_0 / s)",
     solution=latents_to_uint8, cases=_decode_cases, stub=LATENTS_TO_UINT8_STUB,
     mistakes=(
         Mistake("the latents are decoded as they are: the sampler's z_0 is scaled (z_0 = s · E(x)), so the decoder "

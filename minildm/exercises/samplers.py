@@ -18,8 +18,7 @@ import torch
 from ..fid import frechet_distance as minildm_frechet_distance
 from ..samplers import DDIMSampler
 from ..schedule import NoiseSchedule
-from .core import Exercise, Mistake
-from .pixel_diffusion import Calls, stack_calls
+from .core import Calls, Exercise, Mistake, stack_calls
 
 T = 1000
 SCHEDULE = NoiseSchedule()  # Stable Diffusion's scaled_linear betas, as the notebook's model
