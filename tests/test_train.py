@@ -254,7 +254,8 @@ def test_nan_data_names_the_loss(tmp_path):
 def test_skip_policy_leaves_bad_steps_out_and_counts_them(capsys):
     ae = tiny_autoencoder()
     poison_gradient(ae.encoder.conv_in.bias, at_calls={1, 3})
-    history = train_autoencoder(ae, tiny_images(), ae_cfg(steps=6, batch_size=4, progress=True, nan_policy="skip"))
+    with pytest.warns(UserWarning, match="2 of 6 steps were skipped"):
+        history = train_autoencoder(ae, tiny_images(), ae_cfg(steps=6, batch_size=4, progress=True, nan_policy="skip"))
     assert history["skipped_steps"] == [1, 3] and history["steps"] == [6]
     assert len(history["loss"]) == len(history["reconstruction"]) == 4  # one entry per step taken
     assert all(torch.isfinite(p).all() for p in ae.parameters())
@@ -266,7 +267,8 @@ def test_skipped_steps_change_nothing():
     before = {name: value.clone() for name, value in ldm.state_dict().items()}
     images = tiny_images(9)
     images[:] = float("nan")  # every batch is bad: every step is skipped
-    history = train_ldm(ldm, images, CAPTIONS * 3, cfg(steps=3, batch_size=4, nan_policy="skip"))
+    with pytest.warns(UserWarning, match="3 of 3 steps were skipped"):
+        history = train_ldm(ldm, images, CAPTIONS * 3, cfg(steps=3, batch_size=4, nan_policy="skip"))
     assert history["skipped_steps"] == [0, 1, 2] and history["loss"] == []
     for name, value in ldm.state_dict().items():  # EMA copied back in too: still the initial weights
         assert torch.equal(value, before[name]), name
