@@ -58,7 +58,8 @@ def test_generic_wrong_answers_are_rejected(name, capsys):
         pytest.skip("a module exercise")
     solution = exercises.solution(name)
     assert not exercises.check(name, _scaled(solution, 1.01))  # an output off by 1%
-    assert "1.01 times" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1.01 times" in out or "your output is torch.float" in out  # integer answers: 1.01 x makes floats
 
     def returns_none(*args, **kwargs):
         return None
@@ -73,6 +74,39 @@ def test_generic_wrong_answers_are_rejected(name, capsys):
 
     assert not exercises.check(name, transposed)
     capsys.readouterr()
+
+
+def test_a_student_may_name_the_parameters_and_is_shown_their_own_line(capsys):
+    def add_noise(x, eps, t, abar):  # other names, the same order: accepted
+        a = abar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x + (1 - a).sqrt() * eps
+
+    assert exercises.check("add_noise", add_noise)
+
+    def too_few(x0, noise, timesteps):
+        return x0
+
+    assert not exercises.check("add_noise", too_few)
+    assert "the checker calls it as add_noise(x0, noise, timesteps, alphas_cumprod)" in capsys.readouterr().out
+
+    def as_list(betas):
+        return torch.cumprod(1 - betas, 0).tolist()
+
+    assert not exercises.check("alphas_cumprod", as_list)
+    assert "returned a list of 1000; return a tensor" in capsys.readouterr().out
+
+    def in_float32(x0, noise, timesteps, alphas_cumprod):
+        a = alphas_cumprod.float()[timesteps].view(-1, 1, 1, 1)
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()) * (1 + 3e-4)  # as if rounded worse
+
+    assert not exercises.check("add_noise", in_float32)
+    assert "float32 rounding; compute in the inputs' dtype" in capsys.readouterr().out
+
+    def ids_as_floats(*args):
+        return exercises.solution("tokenize")(*args).float()
+
+    assert not exercises.check("tokenize", ids_as_floats)
+    assert "your output is torch.float32, expected torch.int64" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", NAMES[:1])

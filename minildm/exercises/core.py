@@ -14,6 +14,7 @@ the order in which minildm draws random numbers. Depends on torch only.
 
 from __future__ import annotations
 
+import inspect
 import math
 import traceback
 from collections.abc import Callable
@@ -48,7 +49,12 @@ class Exercise:
     stub: str | None = None  # a "debug this" exercise: the broken code the student version starts from
 
     def output(self, fn: Callable, case: dict):
-        return self.run(fn, case) if self.run is not None else fn(**case)
+        """fn's output on one case: the case's values passed in the order of the solution's parameters, so that a
+        student may name them as they like; a custom `run` decides for itself."""
+        if self.run is not None:
+            return self.run(fn, case)
+        order = [name for name in inspect.signature(self.solution).parameters if name in case]
+        return fn(*(case[name] for name in order), **{k: v for k, v in case.items() if k not in order})
 
 
 # ---- comparing outputs -----------------------------------------------------------------------------------------
@@ -83,6 +89,8 @@ def _close(got, expected, rtol: float, atol: float) -> bool:
 
 def difference(got, expected, rtol: float = RTOL, atol: float = ATOL) -> str | None:
     """What differs between the student's output and the expected one, in words; None when they agree."""
+    if isinstance(got, list) and not isinstance(expected, (list, tuple)):
+        return f"your function returned a list of {len(got)}; return a tensor ({_describe(expected)})"
     a, b = _as_tensors(got), _as_tensors(expected)
     if a is None:
         return f"your function returned {_describe(got)}; expected {_describe(expected)}"
@@ -94,10 +102,13 @@ def difference(got, expected, rtol: float = RTOL, atol: float = ATOL) -> str | N
             if x.ndim == y.ndim and x.ndim >= 2 and x.transpose(-1, -2).shape == y.shape:
                 return f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}: transposed (the last two axes)?"
             if x.numel() == y.numel():
-                return (f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}: the right numbers in the wrong "
-                        f"layout?")
+                return (f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}: as many values, another shape (a "
+                        f"reshape, or a split along another axis?)")
             return f"{which}shape {tuple(x.shape)}, expected {tuple(y.shape)}"
-        x, y = x.double(), y.double()
+        if x.is_floating_point() != y.is_floating_point() or (x.dtype == torch.bool) != (y.dtype == torch.bool):
+            return f"{which}your output is {x.dtype}, expected {y.dtype}"
+        low_precision = x.is_floating_point() and x.dtype != torch.float64 and y.dtype == torch.float64
+        x_dtype, x, y = x.dtype, x.double(), y.double()
         if not torch.isfinite(x).all():
             return f"{which}your output holds NaN or infinity (a division by zero, or a log / sqrt of a negative?)"
         if torch.allclose(x, y, rtol=rtol, atol=atol):
@@ -113,8 +124,11 @@ def difference(got, expected, rtol: float = RTOL, atol: float = ATOL) -> str | N
         error = (x - y).abs()
         index = tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape)) if error.ndim else ()
         relative = (error.max() / y.abs().max().clamp(min=1e-12)).item()
+        precision = (" The inputs are float64 and your output is " + str(x_dtype) + ": a difference this small is "
+                     "float32 rounding; compute in the inputs' dtype") if low_precision and relative < 1e-3 else ""
         return (f"{which}values differ: the largest difference is {error.max().item():.3g} at index {index} "
-                f"(yours {x[index].item():.6g}, expected {y[index].item():.6g}; {relative:.2%} of the largest value)")
+                f"(yours {x[index].item():.6g}, expected {y[index].item():.6g}; {100 * relative:.2g}% of the largest "
+                f"value).{precision}")
     return None
 
 
@@ -154,15 +168,30 @@ def evaluate(exercise: Exercise, fn) -> Result:
             except NotImplementedError:
                 return Result(False, "not done yet: replace the `raise NotImplementedError` with your code",
                               not_done=True)
+            except CheckerError as e:  # the checker's own finding about a module: no "your code raised"
+                return Result(False, str(e))
             except Exception as e:  # the student's bug: reported, never raised
-                where = traceback.extract_tb(e.__traceback__)[-1]
-                return Result(False, f"your code raised {type(e).__name__}: {e} (line {where.lineno}: "
-                                     f"{where.line})")
+                return Result(False, f"your code raised {type(e).__name__}: {e} ({_where(e, exercise, case)})")
             problem = difference(got, expected, exercise.rtol, exercise.atol)
             if problem is not None:
                 return Result(False, _hint(exercise, fn, case, got, problem))
             count += 1
     return Result(True, f"passed: {count} cases, 2 seeds")
+
+
+class CheckerError(ValueError):
+    """What the checker found wrong before comparing outputs (a module whose parameters are not minildm's)."""
+
+
+def _where(error: Exception, exercise: Exercise, case: dict) -> str:
+    """The student's line an exception came from; when it came from the call itself (a wrong number of
+    arguments), how the checker called the function."""
+    own = [frame for frame in traceback.extract_tb(error.__traceback__)
+           if "minildm/exercises" not in frame.filename.replace("\\", "/")]
+    if own:
+        return f"line {own[-1].lineno}: {own[-1].line}"
+    names = [n for n in inspect.signature(exercise.solution).parameters if n in case] if exercise.run is None else []
+    return f"the checker calls it as {exercise.name}({', '.join(names)})" if names else "while the checker ran it"
 
 
 def _hint(exercise: Exercise, fn, case: dict, got, problem: str) -> str:
@@ -186,6 +215,12 @@ def _short(value) -> str:
             else f"a dict of {len(value)}"
     if torch.is_tensor(value):
         return f"tensor{tuple(value.shape)}" if value.numel() > 4 else f"{value.tolist()}"
+    if isinstance(value, (list, tuple)) and len(value) > 6:
+        return f"a {type(value).__name__} of {len(value)}: [{', '.join(_short(v) for v in value[:4])}, ...]"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a numpy array
+        return f"array{tuple(value.shape)}"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 80 else repr(value[:77] + "...")
     if isinstance(value, torch.nn.Module):
         return type(value).__name__
     return f"{value!r:.30}"
@@ -194,7 +229,7 @@ def _short(value) -> str:
 def run_module(cls, case: dict):
     """The output of a module exercise: build `cls(**case["init"])`, give it the weights of minildm's module
     (`case["weights"]`, a state dict: the student's parameters must have minildm's names and shapes), and call
-    it on `case["inputs"]` without gradients. Raises ValueError naming the parameters that do not match."""
+    it on `case["inputs"]` without gradients. Raises CheckerError naming the parameters that do not match."""
     with torch.random.fork_rng(devices=[]):  # building a module draws weights: leave the notebook's random state
         module = cls(**case["init"])
     if not isinstance(module, torch.nn.Module):
@@ -206,11 +241,11 @@ def run_module(cls, case: dict):
         extra = sorted(set(ours) - set(theirs))
         shapes = [f"{n} {ours[n]} (expected {theirs[n]})" for n in sorted(set(ours) & set(theirs))
                   if ours[n] != theirs[n]]
-        raise ValueError("your module's parameters must have minildm's names and shapes, so that its weights load: "
-                         + "; ".join(part for part in (f"missing {', '.join(missing[:6])}" if missing else "",
-                                                       f"not in minildm's {', '.join(extra[:6])}" if extra else "",
-                                                       f"other shapes: {', '.join(shapes[:4])}" if shapes else "")
-                                     if part))
+        parts = [f"missing {', '.join(missing[:6])}" if missing else "",
+                 f"not in minildm's {', '.join(extra[:6])}" if extra else "",
+                 f"other shapes: {', '.join(shapes[:4])}" if shapes else ""]
+        raise CheckerError(f"with {_short(case['init'])}: your module's parameters must have minildm's names and "
+                           f"shapes, so that its weights load: " + "; ".join(part for part in parts if part))
     module.to(next(iter(case["weights"].values())).dtype)  # a float64 case runs in float64
     module.load_state_dict(case["weights"])
     module.eval()

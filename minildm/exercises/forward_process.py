@@ -121,6 +121,12 @@ def _cosine_cases(seed):
     return [{"num_train_timesteps": 1000}, {"num_train_timesteps": 50 + 13 * seed}]
 
 
+def _cosine_alpha_bar(num_train_timesteps, s=0.008):
+    t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return f[1:] / f[0]
+
+
 def _cosine_mistake(square=True, offset=True, cap=True, denominator=True):
     def betas(num_train_timesteps, s=0.008):
         t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
@@ -146,6 +152,8 @@ COSINE_BETAS = Exercise(
                 _cosine_mistake(cap=False)),
         Mistake("divide (t/T + s) by (1 + s): without it the schedule does not end at π/2",
                 _cosine_mistake(denominator=False)),
+        Mistake("that is ᾱ_t = f(t) / f(0), the signal left: the betas are β_t = 1 - ᾱ_t / ᾱ_(t-1)",
+                lambda num_train_timesteps, s=0.008: _cosine_alpha_bar(num_train_timesteps, s)),
     ),
 )
 
@@ -179,6 +187,9 @@ ADD_NOISE = Exercise(
         Mistake("t is off by one: use alphas_cumprod[t], the ᾱ after step t (indices run 0 .. T-1)",
                 lambda x0, noise, timesteps, alphas_cumprod: add_noise(x0, noise, (timesteps - 1).clamp(min=0),
                                                                        alphas_cumprod)),
+        Mistake("t is off by one: alphas_cumprod[t - 1] (which at t = 0 wraps round to the last ᾱ) is the ᾱ of the "
+                "step before; use alphas_cumprod[t]",
+                lambda x0, noise, timesteps, alphas_cumprod: add_noise(x0, noise, timesteps - 1, alphas_cumprod)),
         Mistake("x_0 and ε swapped: the signal gets sqrt(ᾱ_t), the noise sqrt(1 - ᾱ_t)",
                 lambda x0, noise, timesteps, alphas_cumprod: add_noise(noise, x0, timesteps, alphas_cumprod)),
         Mistake("one timestep for the whole batch: each sample has its own t, gather ᾱ per sample",

@@ -162,7 +162,7 @@ def _to_uint8(images, rounding=True, layout="permute"):
 
 LATENTS_TO_UINT8 = Exercise(
     name="latents_to_uint8", notebook="06_latent_diffusion",
-    task="Debugging exercise. latents_to_uint8(latents, scaling_factor, decoder) -> images (B, H, W, C) uint8 in "
+    task="Debug this: latents_to_uint8(latents, scaling_factor, decoder) -> images (B, H, W, C) uint8 in "
          "0 .. 255 ends a sampling loop: it turns the sampler's z_0 (B, c, h, w) into pictures to save. As written, "
          "its pictures come out faint and washed-out (with another autoencoder, saturated), though the model trained "
          "well. Find the bug and repair it.",
@@ -170,8 +170,8 @@ LATENTS_TO_UINT8 = Exercise(
            "decoded as D(z_0 / s)",
     solution=latents_to_uint8, cases=_decode_cases, stub=LATENTS_TO_UINT8_STUB,
     mistakes=(
-        Mistake("the latents are decoded as they are: the sampler's z_0 is scaled (z_0 = s · E(x)), so the decoder "
-                "gets latents s times too small or too large; divide by scaling_factor first",
+        Mistake("this is still the code you started from: on what scale did the diffusion model learn its latents, "
+                "and on what scale does the decoder expect them?",
                 lambda latents, scaling_factor, decoder: _to_uint8(decoder(latents))),
         Mistake("that multiplies by the scaling factor again: undo it, decoder(latents / scaling_factor)",
                 lambda latents, scaling_factor, decoder: _to_uint8(decoder(latents * scaling_factor))),

@@ -160,7 +160,7 @@ def _sampler_step(eps, t, x_t, noise, alphas_cumprod):
     return _sampler_step_with(noise, _ddpm_sampler(_schedule_name(alphas_cumprod), "epsilon"), eps, t, x_t)
 
 
-def _step_mistake(sigma="beta_tilde", noise_at_0=False, x0_alpha_bar="t", algorithm_2_sqrt=True):
+def _step_mistake(sigma="beta_tilde", noise_at_0=False, x0_alpha_bar="t", algorithm_2_sqrt=True, variance=False):
     def step(eps, t, x_t, noise, alphas_cumprod):
         alpha_bar_t = alphas_cumprod[t]
         alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.ones_like(alpha_bar_t)
@@ -174,7 +174,8 @@ def _step_mistake(sigma="beta_tilde", noise_at_0=False, x0_alpha_bar="t", algori
             beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
         if t == 0 and not noise_at_0:
             return mean
-        return mean + (beta_tilde if sigma == "beta_tilde" else beta_t).sqrt() * noise
+        chosen = beta_tilde if sigma == "beta_tilde" else beta_t
+        return mean + (chosen if variance else chosen.sqrt()) * noise
     return step
 
 
@@ -197,6 +198,8 @@ DDPM_STEP = Exercise(
                 "not ᾱ_(t-1)", _step_mistake(x0_alpha_bar="prev")),
         Mistake("Algorithm 2's mean divides by sqrt(1 - ᾱ_t): (x_t - β_t / sqrt(1 - ᾱ_t) · ε) / sqrt(α_t)",
                 _step_mistake(algorithm_2_sqrt=False)),
+        Mistake("the noise is scaled by the variance β̃_t: z ~ N(0, I) times the standard deviation, sqrt(β̃_t)",
+                _step_mistake(variance=True)),
     ),
 )
 
@@ -414,4 +417,4 @@ TRAINING_STEP = Exercise(
 )
 
 
-EXERCISES = [DDPM_POSTERIOR, DDPM_STEP, DIFFUSION_LOSS, TRAINING_STEP]
+EXERCISES = [DIFFUSION_LOSS, TRAINING_STEP, DDPM_POSTERIOR, DDPM_STEP]  # in the notebook's order

@@ -90,14 +90,14 @@ def _sampler_step(eps, x_t, alpha_bar_t, alpha_bar_prev, eta, noise):
     raise ValueError("not a step of DDIM_SETTINGS")
 
 
-def _ddim_mistake(sqrt_prev=True, minus_sigma=True, first_factor=True, add_noise=True):
+def _ddim_mistake(sqrt_prev=True, minus_sigma=True, first_factor=True, add_noise=True, variance=False):
     def step(eps, x_t, alpha_bar_t, alpha_bar_prev, eta, noise):
         x0_hat = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
         factor = ((1 - alpha_bar_prev) / (1 - alpha_bar_t)) ** 0.5 if first_factor else 1
         sigma = eta * factor * (1 - alpha_bar_t / alpha_bar_prev) ** 0.5
         direction = (1 - alpha_bar_prev - (sigma**2 if minus_sigma else 0)) ** 0.5 * eps
         signal = alpha_bar_prev**0.5 if sqrt_prev else alpha_bar_prev
-        return signal * x0_hat + direction + (sigma * noise if add_noise else 0)
+        return signal * x0_hat + direction + ((sigma**2 if variance else sigma) * noise if add_noise else 0)
     return step
 
 
@@ -119,6 +119,8 @@ DDIM_STEP = Exercise(
                 _ddim_mistake(first_factor=False)),
         Mistake("the fresh noise σ_t z is missing: with η > 0 each step adds it (η = 0 is the deterministic DDIM)",
                 _ddim_mistake(add_noise=False)),
+        Mistake("the fresh noise is scaled by σ_t², the variance: z ~ N(0, I) times the standard deviation σ_t",
+                _ddim_mistake(variance=True)),
     ),
 )
 
@@ -208,6 +210,17 @@ class PerfectNoiseModel:
         return "PerfectNoiseModel(ε)"
 
 
+class NudgedNoiseModel(PerfectNoiseModel):
+    """ε plus a small offset that changes with t: an imperfect model, so that where a loop ends depends on every
+    step it takes (with a perfect model, the first step's x̂_0 is already x_0)."""
+
+    def __call__(self, x, t):
+        return self.eps + 0.05 * torch.sin(torch.tensor(t / 37.0, dtype=self.eps.dtype))
+
+    def __repr__(self) -> str:
+        return "NudgedNoiseModel(ε + 0.05 sin(t / 37))"
+
+
 def ddim_sample(model, x_T, timesteps, alphas_cumprod):
     # BEGIN SOLUTION
     x = x_T
@@ -244,7 +257,8 @@ def _loop_cases(seed):
         sampler = DDIMSampler(SCHEDULE, timestep_spacing=spacing, steps_offset=offset)
         sampler.set_timesteps(n)
         timesteps = sampler.timesteps.tolist()
-        cases.append({"model": PerfectNoiseModel(eps), "x_T": SCHEDULE.add_noise(x0, eps, timesteps[0]),
+        model = PerfectNoiseModel(eps) if spacing == "leading" else NudgedNoiseModel(eps)
+        cases.append({"model": model, "x_T": SCHEDULE.add_noise(x0, eps, timesteps[0]),
                       "timesteps": timesteps, "alphas_cumprod": SCHEDULE.alphas_cumprod})
     return cases
 
@@ -267,16 +281,17 @@ def _loop_mistake(alpha_bar_index=0, final="one", skip_last=False):
 DDIM_SAMPLE = Exercise(
     name="ddim_sample", notebook="07_samplers",
     task="Debug this: ddim_sample(model, x_T, timesteps, alphas_cumprod) runs η = 0 DDIM over `timesteps` "
-         "(descending ints) and should return x_0. The check gives it a perfect model, which answers the true "
-         "noise, so the last image must be exactly the clean one; the loop it starts from ends on an image that is "
-         "still noisy. Find the off-by-one and repair it.",
+         "(descending ints, e.g. 901, 801, ..., 1) and should return x_0. Given a perfect model, which answers the "
+         "true noise, its last image must be exactly the clean one; the loop it starts from ends on an image that "
+         "is still noisy, because each step lands on the wrong noise level. Find the bug and repair it. (The check "
+         "also runs it with a slightly imperfect model, against minildm's DDIMSampler.)",
     source=f"{SOURCE_SONG}, eq. (12) with σ_t = 0, run on a subsequence of the timesteps (section 4.2, "
            "'Accelerated generation processes')",
     solution=ddim_sample, cases=_loop_cases, stub=DDIM_SAMPLE_STUB,
     mistakes=(
-        Mistake("each step lands on ᾱ_(t-1), one training step down, but the next step treats x as the sample of the "
-                "next timestep the loop visits (901 -> 801 with 10 steps): land there, and after the last one on "
-                "ᾱ = 1, the clean image", _broken_ddim_sample),
+        Mistake("this is still the loop you started from: after a step from t, x is the sample of which timestep? "
+                "Compare the noise level each step lands on with the one the next step assumes",
+                _broken_ddim_sample),
         Mistake("ᾱ_t is alphas_cumprod[t], the noise level of x_t: alphas_cumprod[t - 1] is one step off",
                 _loop_mistake(alpha_bar_index=1)),
         Mistake("after the last timestep ᾱ_prev must be 1 (a clean x_0): alphas_cumprod[0] leaves the noise of "
@@ -361,4 +376,4 @@ FRECHET_DISTANCE = Exercise(
 )
 
 
-EXERCISES = [DDIM_STEP, INFERENCE_TIMESTEPS, DDIM_SAMPLE, FRECHET_DISTANCE]
+EXERCISES = [INFERENCE_TIMESTEPS, DDIM_STEP, DDIM_SAMPLE, FRECHET_DISTANCE]  # in the notebook's order

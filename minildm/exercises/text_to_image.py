@@ -89,7 +89,7 @@ def _halves(model_output):
 
 GUIDED_PREDICTION = Exercise(
     name="guided_prediction", notebook="08_text_to_image",
-    task="Debugging exercise. guided_prediction(model_output, guidance_scale) -> ε̂ (B, c, h, w) takes the "
+    task="Debug this: guided_prediction(model_output, guidance_scale) -> ε̂ (B, c, h, w) takes the "
          "backbone's output for the batch [unconditional; conditional] (2B, c, h, w) and returns the guided "
          "prediction. With it, the larger the guidance scale, the less the images look like their prompt: they "
          "avoid it (\"a red circle\" gives anything but a red circle). Find the bug and repair it.",
@@ -97,8 +97,8 @@ GUIDED_PREDICTION = Exercise(
     solution=guided_prediction, cases=_batched_cases, stub=GUIDED_PREDICTION_STUB,
     reference=lambda model_output, guidance_scale: classifier_free_guidance(*model_output.chunk(2), guidance_scale),
     mistakes=(
-        Mistake("the difference is taken the wrong way round: ε_u - ε_c points away from the prompt; guidance moves "
-                "towards it, ε̂ = ε_u + s (ε_c - ε_u)",
+        Mistake("this is still the code you started from: which way does the difference it scales point, towards "
+                "the prompt or away from it?",
                 lambda model_output, guidance_scale: _halves(model_output)[0]
                 + guidance_scale * (_halves(model_output)[0] - _halves(model_output)[1])),
         Mistake("the halves are swapped: the batch was [unconditional; conditional], so chunk(2) gives ε_u first",
@@ -165,7 +165,8 @@ def _mistaken_tokenize(prompt, vocab, max_length, truncate=True, eos_kept=True, 
 
 TOKENIZE = Exercise(
     name="tokenize", notebook="08_text_to_image",
-    task="tokenize(prompt, vocab, max_length) -> ids (max_length,) int64: <bos>, the id of each word of "
+    task="tokenize(prompt, vocab, max_length) -> ids (max_length,) int64, where vocab is a list of tokens and a "
+         "token's id is its position in it (vocab[:4] is <pad>, <unk>, <bos>, <eos>): <bos>, the id of each word of "
          "split_words(prompt) (<unk> for a word not in vocab), <eos>, then <pad> up to max_length; a long prompt "
          "loses its last words, never its <eos>.",
     source="Rombach et al. 2022 (arXiv:2112.10752), section 4.3.1: the prompt is tokenized and encoded by a "
