@@ -143,7 +143,9 @@ class LatentDiffusion(nn.Module):
 
     # ---- the first stage: images <-> scaled latents ----------------------------------------------------------
 
-    def _first_stage_dtype(self) -> torch.dtype:
+    @property
+    def first_stage_dtype(self) -> torch.dtype:
+        """The dtype images enter the first stage in: its weights', or the backbone's for PixelSpace."""
         weight = next(self.first_stage.parameters(), None)
         return weight.dtype if weight is not None else self.dtype  # PixelSpace has no weights
 
@@ -154,7 +156,7 @@ class LatentDiffusion(nn.Module):
         check_images(images, "images", self.first_stage.in_channels, self.first_stage.downsampling_factor)
         check_device(images, "images", self.device)
         check_generator(generator)
-        images = images.to(self._first_stage_dtype())  # float32 images into a bf16 / fp16 model
+        images = images.to(self.first_stage_dtype)  # float32 images into a bf16 / fp16 model
         latents = self.first_stage.encode(images).sample(generator) * self.first_stage.scaling_factor
         return latents.to(self.dtype)
 
@@ -163,7 +165,7 @@ class LatentDiffusion(nn.Module):
         """Scaled latents (B, c, h, w) -> images (B, C, f·h, f·w), float32 in [0, 1]."""
         check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
         check_device(latents, "latents", self.device)
-        latents = latents.to(self._first_stage_dtype())
+        latents = latents.to(self.first_stage_dtype)
         images = self.first_stage.decode(latents / self.first_stage.scaling_factor)  # in [-1, 1], roughly
         return ((images.float() + 1) / 2).clamp(0, 1)
 

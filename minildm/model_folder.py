@@ -32,7 +32,7 @@ import torch
 
 from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
 from .autoencoder import AutoencoderKL
-from .checkpoint import load_module_weights, save_weights
+from .checkpoint import load_module_weights, save_weights, stored_dtype
 from .pixel_space import PixelSpace
 from .schedule import NoiseSchedule
 from .text import TextEncoder
@@ -61,12 +61,8 @@ def register(slot: str, cls: type) -> None:
 
 def _dtype_name(module: torch.nn.Module) -> str | None:
     """The dtype of a module's floating-point weights, as config.json names it (None when it has none)."""
-    dtypes = {p.dtype for p in module.state_dict().values() if p.is_floating_point()}
-    if len(dtypes) > 1:
-        raise ValueError(f"a {type(module).__name__} with weights in several dtypes ({sorted(map(str, dtypes))}) "
-                         f"cannot be saved: cast it to one with .to(dtype)")
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    return names[dtypes.pop()] if dtypes else None
+    dtype = stored_dtype(module.state_dict(), f"a {type(module).__name__}")  # ValueError if its weights mix dtypes
+    return {dtype: name for name, dtype in DTYPES.items()}[dtype] if dtype is not None else None
 
 
 def config_of(model) -> dict:

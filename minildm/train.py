@@ -384,10 +384,9 @@ def train_autoencoder(
 def encode_dataset(ldm: LatentDiffusion, images: torch.Tensor, batch_size: int = 256):
     """Posterior mean and std (N, c, h, w) of every image under the frozen first stage, computed once."""
     ldm.first_stage.eval()
-    dtype = next(ldm.first_stage.parameters(), images).dtype  # PixelSpace has no weights: the images' dtype
     means, stds = [], []
     for i in range(0, len(images), batch_size):
-        posterior = ldm.first_stage.encode(images[i : i + batch_size].to(ldm.device, dtype))
+        posterior = ldm.first_stage.encode(images[i : i + batch_size].to(ldm.device, ldm.first_stage_dtype))
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)

@@ -51,10 +51,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def _dtype(module: nn.Module) -> torch.dtype | None:
-    return next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), None)
-
-
 def _numbered(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {str(i): t for i, t in enumerate(tensors)}
 
@@ -90,7 +86,8 @@ def load_training_state(directory, state: TrainingState) -> tuple[int, dict]:
     meta = read_json(directory / "trainer.json")
     weights = {name: load_weights(directory / f"{name}.safetensors") for name in state.modules}
     for name, module in state.modules.items():  # every check before anything is changed
-        saved, ours = stored_dtype(weights[name], directory / f"{name}.safetensors"), _dtype(module)
+        saved = stored_dtype(weights[name], directory / f"{name}.safetensors")
+        ours = stored_dtype(module.state_dict(), f"the {name}")
         if saved is not None and ours is not None and saved != ours:
             raise ValueError(f"the checkpoint in {directory} was saved by a run whose {name} was {saved}, but this "
                              f"{name} is {ours}: cast the model with .to({saved}) to resume, or use a new folder")
