@@ -13,7 +13,16 @@ from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
 from .distributed import is_main_process, pick_device
 from .ema import EMAModel
-from .fid import dataset_classifier, fid, frechet_distance, label_accuracy, psnr
+from .fid import (
+    KIDResult,
+    dataset_classifier,
+    fid,
+    frechet_distance,
+    kernel_inception_distance,
+    kid,
+    label_accuracy,
+    psnr,
+)
 from .image_datasets import load_image_dataset
 from .ldm import GenerationOutput, LatentDiffusion
 from .metrics import ShapesChecker
@@ -37,4 +46,5 @@ __all__ = [
     "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset",
     "TextEncoder", "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm",
     "UNet2DConditionModel", "UNetConfig",
+    "KIDResult", "kernel_inception_distance", "kid",
 ]

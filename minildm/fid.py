@@ -1,9 +1,27 @@
-"""Quality metrics for samples of the real datasets: domain FID, PSNR and prompt accuracy.
+"""Quality metrics for samples of the real datasets: domain FID and KID, PSNR, prompt accuracy.
 
 FID (Heusel et al. 2017, arXiv:1706.08500) fits a Gaussian to the features of real images and one to
 the features of generated images, and measures the Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2):
 
     d² = ||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½)
+
+KID (Bińkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401) is the squared maximum mean
+discrepancy between the two sets of features, with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³,
+estimated without bias (Gretton et al. 2012, "A Kernel Two-Sample Test", JMLR 13, Lemma 6):
+
+    MMD²_u = 1/(m(m-1)) Σ_{i≠j} k(x_i, x_j) + 1/(n(n-1)) Σ_{i≠j} k(y_i, y_j) - 2/(mn) Σ_{i,j} k(x_i, y_j)
+
+Which to use. FID needs the covariance of the 64-dimensional features, so it wants a few thousand images
+per set, and its expected value falls as the sets grow: two FIDs are only comparable at the same number
+of images. KID has no such bias: its expected value is the same for 200 images as for 20000, it is 0 on
+average for two samples of one distribution (and can come out slightly negative), and it comes with
+a standard deviation, so a few hundred samples give a number with an honest error bar. Use KID when
+samples are expensive (a CPU sampler, a quick comparison); report FID to compare with a longer run.
+
+    symbol   code                 meaning
+    x_i, y_j features_a, _b rows  classifier features of one real / one generated image, (d,) each
+    d        features.shape[1]    feature width (64 for `dataset_classifier`)
+    m, n     subset_size          images per subset from each set (KID uses equal sizes)
 
 The features come from a classifier trained on the dataset itself ("domain FID"), not from
 Inception-v3; `fid` says why. `dataset_classifier` trains that classifier once and caches it:
@@ -18,6 +36,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -136,10 +155,19 @@ def _check_images(images, classifier: SmallClassifier, what: str, min_count: int
         )
 
 
+def _check_pair(real_images, generated_images, classifier: SmallClassifier) -> None:
+    _check_images(real_images, classifier, "real_images", min_count=2)
+    _check_images(generated_images, classifier, "generated_images", min_count=2)
+    if real_images.shape[1:] != generated_images.shape[1:]:
+        raise ValueError(
+            f"real and generated images must have the same (C, H, W), got {tuple(real_images.shape[1:])} "
+            f"and {tuple(generated_images.shape[1:])}"
+        )
+
+
 @torch.no_grad()
-def feature_statistics(images: torch.Tensor, classifier: SmallClassifier, batch_size: int = 256):
-    """Mean (F,) and covariance (F, F), float64, of `classifier.features` over images (N, C, H, W)."""
-    _check_images(images, classifier, "images", min_count=2)
+def _features(images: torch.Tensor, classifier: SmallClassifier, batch_size: int) -> torch.Tensor:
+    """`classifier.features` of images (N, C, H, W), in batches, in eval mode: (N, F) float64 on the CPU."""
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
@@ -147,6 +175,13 @@ def feature_statistics(images: torch.Tensor, classifier: SmallClassifier, batch_
         [classifier.features(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
     ).double()  # (N, F)
     classifier.train(was_training)
+    return features
+
+
+def feature_statistics(images: torch.Tensor, classifier: SmallClassifier, batch_size: int = 256):
+    """Mean (F,) and covariance (F, F), float64, of `classifier.features` over images (N, C, H, W)."""
+    _check_images(images, classifier, "images", min_count=2)
+    features = _features(images, classifier, batch_size)  # (N, F)
     return features.mean(dim=0), torch.cov(features.T)  # (F,), (F, F) with the unbiased 1 / (N - 1)
 
 
@@ -163,16 +198,111 @@ def fid(real_images: torch.Tensor, generated_images: torch.Tensor, classifier: S
     Take a random subset of the real images: the MNIST test set is ordered (its first and last 5000
     come from different writers, FID 74 between them, against 4 between two random halves).
     """
-    _check_images(real_images, classifier, "real_images", min_count=2)
-    _check_images(generated_images, classifier, "generated_images", min_count=2)
-    if real_images.shape[1:] != generated_images.shape[1:]:
-        raise ValueError(
-            f"real and generated images must have the same (C, H, W), got {tuple(real_images.shape[1:])} "
-            f"and {tuple(generated_images.shape[1:])}"
-        )
+    _check_pair(real_images, generated_images, classifier)
     mu1, sigma1 = feature_statistics(real_images, classifier)
     mu2, sigma2 = feature_statistics(generated_images, classifier)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+class KIDResult(NamedTuple):
+    """A KID estimate: `mean`, the average MMD²_u over random subsets, and `std`, their standard deviation."""
+
+    mean: float
+    std: float
+
+
+def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (xᵀy / d + 1)³ for every pair of rows of x (m, d) and y (n, d): (m, n)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MMD²_u of the module docstring (Gretton et al. 2012, Lemma 6) for x (m, d), y (n, d), m, n >= 2."""
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    # Σ_{i≠j}: the full sum less the diagonal, the k(x_i, x_i) terms that make the plain mean biased.
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return within_x + within_y - 2 * k_xy.sum() / (m * n)
+
+
+def kernel_inception_distance(
+    features_a,
+    features_b,
+    subset_size: int | None = None,
+    num_subsets: int = 100,
+    seed: int = 0,
+) -> KIDResult:
+    """KID between two sets of features (N_a, d) and (N_b, d): MMD²_u, cubic kernel, averaged over subsets.
+
+    Each of `num_subsets` rounds draws `subset_size` rows from each set (without replacement, seeded by
+    `seed`, so a call is reproducible) and computes MMD²_u on them (module docstring). Returns the
+    mean and the (population) standard deviation of those values, in squared feature units, as
+    torch-fidelity does. The mean is unbiased at any size: it is about 0 (positive or negative) for two
+    samples of one distribution, and positive otherwise.
+
+    subset_size defaults to min(1000, N_a // 2, N_b // 2). torch-fidelity and clean-fid use 1000 (and
+    clean-fid the whole set when it is smaller), but subsets that hold the whole set are all the same
+    set, and their standard deviation is 0, however uncertain the estimate. Subsets of half the data
+    vary about as much as a whole-set estimate does from one draw of the data to the next. Measured on
+    Gaussian features (d = 64, N = 300, 60 draws): the std of half-size subsets was 1.0-1.2x the spread
+    of the whole-set estimate when the distributions differed, and 1.8x (on the safe side) when they
+    were the same; so `mean ± 2 std` is a fair error bar. Passing subset_size = N is allowed (std 0).
+    Time: about 6 s for 100 subsets of 1000 (64-dim features, one CPU thread), 0.2 s for 500 samples.
+
+    Raises ValueError for inputs that are not (N, d) with the same d, that contain NaN or infinity, for
+    fewer than 4 rows (2 per half-size subset) when subset_size is None, and for a subset_size outside
+    [2, min(N_a, N_b)] or num_subsets < 1.
+    """
+    x, y = _as_float64(features_a, "features_a"), _as_float64(features_b, "features_b")
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"features_a and features_b must be (N, d) with the same width d, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    smaller = min(len(x), len(y))
+    if subset_size is None:
+        if smaller < 4:
+            raise ValueError(
+                f"KID needs at least 4 samples in each set (subsets of half of them, at least 2 each), got "
+                f"{len(x)} and {len(y)}"
+            )
+        subset_size = min(1000, smaller // 2)
+    if not isinstance(subset_size, int) or not 2 <= subset_size <= smaller:
+        raise ValueError(
+            f"subset_size must be an integer between 2 and the smaller set's size {smaller}, got {subset_size!r}"
+        )
+    if not isinstance(num_subsets, int) or num_subsets < 1:
+        raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(num_subsets, dtype=torch.float64)
+    for i in range(num_subsets):
+        rows_x = torch.randperm(len(x), generator=generator)[:subset_size]
+        rows_y = torch.randperm(len(y), generator=generator)[:subset_size]
+        values[i] = _mmd2_unbiased(x[rows_x], y[rows_y])
+    return KIDResult(mean=values.mean().item(), std=values.std(correction=0).item())
+
+
+def kid(
+    real_images: torch.Tensor,
+    generated_images: torch.Tensor,
+    classifier: SmallClassifier,
+    subset_size: int | None = None,
+    num_subsets: int = 100,
+    seed: int = 0,
+) -> KIDResult:
+    """Domain KID: `kernel_inception_distance` between real and generated images in `classifier`'s features.
+
+    The same features as `fid` (images (N, C, H, W) in [-1, 1]); the mean is unbiased, so a few hundred
+    images per set are enough, and a shifted model shows as a mean several stds above 0. Like FID, the
+    values are only comparable within one classifier. Values are small (the kernel is a cubic of
+    normalised dot products): report them as they are or times 1000, saying which.
+    Raises the errors of `fid` and of `kernel_inception_distance`.
+    """
+    _check_pair(real_images, generated_images, classifier)
+    real_features = _features(real_images, classifier, batch_size=256)  # (N_real, F)
+    generated_features = _features(generated_images, classifier, batch_size=256)  # (N_generated, F)
+    return kernel_inception_distance(real_features, generated_features, subset_size, num_subsets, seed)
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor, data_range: float = 2.0) -> float:

@@ -1,4 +1,4 @@
-"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, PSNR, prompt accuracy."""
+"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, KID, PSNR, prompt accuracy."""
 
 import math
 
@@ -8,10 +8,13 @@ import torch
 
 from minildm.classifier import ClassifierConfig, SmallClassifier, train_classifier
 from minildm.fid import (
+    KIDResult,
     dataset_classifier,
     feature_statistics,
     fid,
     frechet_distance,
+    kernel_inception_distance,
+    kid,
     label_accuracy,
     psnr,
 )
@@ -140,6 +143,101 @@ def test_label_accuracy(tiny_classifier):
 
 
 # ------------------------------------------------------------------------------------------------ PSNR
+
+
+# ------------------------------------------------------------------------------------------------- KID
+
+
+def mmd2_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """MMD²_u (Gretton et al. 2012, Lemma 6) with k(a, b) = (a·b / d + 1)³, written out as explicit sums."""
+    d, m, n = x.shape[1], len(x), len(y)
+
+    def k(a, b):
+        return (sum(a[c] * b[c] for c in range(d)) / d + 1) ** 3
+
+    within_x = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    within_y = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    between = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return within_x + within_y - 2 * between
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kid_matches_the_unbiased_mmd_formula_written_as_loops(seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(7, 3)), rng.normal(loc=0.5, size=(7, 3))
+    # One subset holding every row is a permutation of the whole set, and MMD²_u ignores the order.
+    result = kernel_inception_distance(x, y, subset_size=7, num_subsets=1)
+    assert result.mean == pytest.approx(mmd2_by_loops(x, y), rel=1e-10)
+    assert result.std == 0.0
+
+
+def test_kid_mean_of_subsets_equals_the_whole_set_estimate_on_average():
+    # The average of MMD²_u over all subsets of size m is MMD²_u of the whole set (both are U-statistics),
+    # so the mean over many random subsets comes within a few standard errors of the loops on all 40 rows.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), rng.normal(scale=1.3, size=(40, 5))
+    whole = mmd2_by_loops(x, y)
+    result = kernel_inception_distance(x, y, subset_size=20, num_subsets=2000)
+    assert result.mean == pytest.approx(whole, abs=4 * result.std / math.sqrt(2000))
+
+
+def test_kid_is_zero_on_average_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 16))
+    same = kernel_inception_distance(real, rng.normal(size=(300, 16)))
+    assert isinstance(same, KIDResult) and same.std > 0
+    assert abs(same.mean) < 2 * same.std  # unbiased: no systematic positive value
+    means = [kernel_inception_distance(real, rng.normal(loc=shift, size=(300, 16))).mean for shift in (0.2, 0.4, 0.8)]
+    assert means[0] > 3 * same.std and means[0] < means[1] < means[2]
+
+
+def test_kid_unbiased_where_fid_is_not():
+    # Same distribution, small sets: the FID of the fitted Gaussians is far above 0, KID is not.
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(100, 16)), rng.normal(size=(100, 16))
+    fitted = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    result = kernel_inception_distance(a, b)
+    assert fitted > 1.0 and abs(result.mean) < 2 * result.std
+
+
+def test_kid_is_seeded_and_the_default_subset_is_half():
+    rng = np.random.default_rng(2)
+    x, y = torch.from_numpy(rng.normal(size=(50, 4))), torch.from_numpy(rng.normal(size=(30, 4)))
+    assert kernel_inception_distance(x, y, seed=3) == kernel_inception_distance(x, y, seed=3)
+    assert kernel_inception_distance(x, y, seed=3) != kernel_inception_distance(x, y, seed=4)
+    assert kernel_inception_distance(x, y) == kernel_inception_distance(x, y, subset_size=15)
+
+
+def test_kid_errors():
+    x = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="same width"):
+        kernel_inception_distance(x, np.zeros((10, 5)))
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        kernel_inception_distance(np.zeros(10), x)
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        kernel_inception_distance(x, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="between 2 and the smaller set's size 10"):
+        kernel_inception_distance(x, x, subset_size=11)
+    with pytest.raises(ValueError, match="between 2"):
+        kernel_inception_distance(x, x, subset_size=1)
+    with pytest.raises(ValueError, match="num_subsets"):
+        kernel_inception_distance(x, x, num_subsets=0)
+    with pytest.raises(ValueError, match="NaN"):
+        kernel_inception_distance(x * float("nan"), x)
+
+
+def test_kid_on_images_uses_the_fid_features(tiny_classifier):
+    images = torch.rand(40, 1, 32, 32) * 2 - 1
+    other = torch.rand(40, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = kernel_inception_distance(tiny_classifier.features(images), tiny_classifier.features(other))
+    result = kid(images, other, tiny_classifier)
+    assert result.mean == pytest.approx(expected.mean, rel=1e-5, abs=1e-9)
+    assert kid(images, -other.abs(), tiny_classifier).mean > result.mean + 2 * result.std
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        kid(images * 255, other, tiny_classifier)
+    with pytest.raises(ValueError, match="same \\(C, H, W\\)"):
+        kid(images, torch.rand(10, 1, 8, 8), tiny_classifier)
 
 
 def test_psnr_by_hand():
