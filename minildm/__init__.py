@@ -21,6 +21,7 @@ from .fid import (
     kernel_inception_distance,
     kid,
     label_accuracy,
+    proportion_ci,
     psnr,
 )
 from .image_datasets import load_image_dataset
@@ -46,5 +47,5 @@ __all__ = [
     "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset",
     "TextEncoder", "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm",
     "UNet2DConditionModel", "UNetConfig",
-    "KIDResult", "kernel_inception_distance", "kid",
+    "KIDResult", "kernel_inception_distance", "kid", "proportion_ci",
 ]

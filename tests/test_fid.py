@@ -1,4 +1,4 @@
-"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, KID, PSNR, prompt accuracy."""
+"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, KID, PSNR, prompt accuracy, Wilson intervals."""
 
 import math
 
@@ -16,6 +16,7 @@ from minildm.fid import (
     kernel_inception_distance,
     kid,
     label_accuracy,
+    proportion_ci,
     psnr,
 )
 
@@ -284,3 +285,55 @@ def test_dataset_classifier_reads_cache(tiny_classifier, tmp_path, monkeypatch):
     assert isinstance(dataset_classifier("fashion_mnist", root=tmp_path / "nowhere"), SmallClassifier)
     with pytest.raises(ValueError, match="name must be one of"):
         dataset_classifier("cifar10")
+
+
+# ------------------------------------------------------------------------------ Wilson score interval
+
+
+def wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:
+    """The two roots p of (k/n - p)² = z² p (1 - p) / n, Wilson's definition, by numpy's polynomial roots."""
+    p_hat = k / n
+    # (1 + z²/n) p² - (2 p̂ + z²/n) p + p̂² = 0
+    roots = np.roots([1 + z**2 / n, -(2 * p_hat + z**2 / n), p_hat**2]).real
+    return float(roots.min()), float(roots.max())
+
+
+@pytest.mark.parametrize("k, n", [(1, 10), (5, 10), (49, 50), (81, 263), (300, 1000)])
+def test_proportion_ci_solves_wilsons_quadratic(k, n):
+    low, high = proportion_ci(k, n)
+    expected = wilson_by_quadratic(k, n, z=1.959963984540054)  # the 97.5% normal quantile
+    assert (low, high) == pytest.approx(expected, abs=1e-12)
+    assert 0 < low < k / n < high < 1
+
+
+def test_proportion_ci_known_values():
+    # Published/hand-computed 95% Wilson intervals; 81 of 263 is the example of Newcombe (1998) and Wikipedia.
+    assert proportion_ci(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert proportion_ci(5, 10) == pytest.approx((0.2366, 0.7634), abs=5e-5)
+    # At 0/n the upper end is z²/(n + z²): 3.8415 / 13.8415 for n = 10.
+    assert proportion_ci(0, 10) == (0.0, pytest.approx(1.959963984540054**2 / (10 + 1.959963984540054**2)))
+    low, high = proportion_ci(10, 10)
+    assert high == 1.0 and low == pytest.approx(10 / (10 + 1.959963984540054**2))
+
+
+def test_proportion_ci_narrows_with_n_and_widens_with_confidence():
+    widths = [np.subtract(*proportion_ci(n // 2, n)[::-1]) for n in (10, 100, 1000)]
+    assert widths[0] > widths[1] > widths[2]
+    assert np.subtract(*proportion_ci(50, 100, 0.99)[::-1]) > np.subtract(*proportion_ci(50, 100, 0.9)[::-1])
+    assert proportion_ci(torch.tensor(7), 20.0) == proportion_ci(7, 20)  # whole numbers in any type
+
+
+def test_proportion_ci_errors():
+    with pytest.raises(ValueError, match="between 0 and n = 10"):
+        proportion_ci(11, 10)
+    with pytest.raises(ValueError, match="between 0 and n"):
+        proportion_ci(-1, 10)
+    with pytest.raises(ValueError, match="at least 1"):
+        proportion_ci(0, 0)
+    with pytest.raises(ValueError, match="confidence"):
+        proportion_ci(5, 10, confidence=95)
+    with pytest.raises(TypeError, match=r"round\(accuracy \* n\)"):
+        proportion_ci(0.98, 100)  # an accuracy passed where the count goes
+    with pytest.raises(TypeError, match="whole number"):
+        proportion_ci(True, 10)
+
