@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from statistics import NormalDist
 from pathlib import Path
+from statistics import NormalDist
 from typing import NamedTuple
 
 import torch

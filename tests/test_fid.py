@@ -1,4 +1,4 @@
-"""Tests for minildm/fid.py: the Fréchet distance formula, feature statistics, KID, PSNR, prompt accuracy, Wilson intervals."""
+"""Tests for minildm/fid.py: the Fréchet distance, feature statistics, KID, PSNR, prompt accuracy, Wilson intervals."""
 
 import math
 
