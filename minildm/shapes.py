@@ -192,24 +192,25 @@ def _shape_masks(shape: str, dx: np.ndarray, dy: np.ndarray, radius: np.ndarray)
     return (dy <= circumradius / 2) & (np.abs(dx) * np.sqrt(3) <= dy + circumradius)
 
 
-def render_batch(
+def render_masks(
     attributes: list[ShapeAttributes],
     size: int = 32,
     rng: np.random.Generator | None = None,
     progress: bool | None = False,
 ) -> np.ndarray:
-    """Draw many images at once: (N, size, size, 3) float32 in [0, 1]. `size` is the side in pixels.
+    """Where each shape is: (N, size, size) float32, the fraction of each pixel the shape covers, in [0, 1].
 
-    With `rng` each shape is jittered (position +- POSITION_JITTER, radius x 1 +- SIZE_JITTER)
-    deterministically; without it every shape sits exactly on its anchor at its nominal radius.
-    progress: True shows a bar, None shows one only if drawing takes more than a second.
+    The masks of the images `render_batch` draws with the same arguments (the same `rng` state gives the
+    same jitter): render_batch is this coverage times the colour. Without `rng`, each shape sits on its
+    nominal anchor at its nominal radius, which is where a model prompted with its caption should draw it;
+    `masks > 0.5` is then the inside of the shape, e.g. to measure how much attention a word pays inside it.
+    Raises ValueError for a size below MIN_IMAGE_SIZE.
     """
     if not isinstance(size, int) or size < MIN_IMAGE_SIZE:
         raise ValueError(f"size must be an integer of at least {MIN_IMAGE_SIZE} pixels, got {size!r}")
     n_images = len(attributes)
     anchors = np.array([POSITION_ANCHORS[a.position] for a in attributes], dtype=np.float64).reshape(-1, 2)
     radii = np.array([SIZE_RADII[a.size] for a in attributes], dtype=np.float64)
-    colors = np.array([COLORS[a.color] for a in attributes], dtype=np.float32).reshape(-1, 3)
     shapes = np.array([a.shape for a in attributes])
     if rng is not None:
         anchors = anchors + rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=(n_images, 2))
@@ -217,7 +218,7 @@ def render_batch(
 
     fine = size * SUPERSAMPLE
     grid = (np.arange(fine) + 0.5) / fine  # centres of the fine samples, as fractions of the side
-    images = np.empty((n_images, size, size, 3), dtype=np.float32)
+    masks = np.empty((n_images, size, size), dtype=np.float32)
     chunk = 256  # images per step: 256 x 128 x 128 fine samples at 32 px is about 16 MB of float32
     starts = range(0, n_images, chunk)
     bar = tqdm(starts, desc="rendering shapes", disable=progress is False, delay=0 if progress else 1.0)
@@ -232,9 +233,26 @@ def render_batch(
             if which.any():
                 inside[which] = _shape_masks(shape, dx[which], dy[which], radius[which])
         # (n, fine, fine) -> (n, size, SUPERSAMPLE, size, SUPERSAMPLE) -> (n, size, size)
-        coverage = inside.reshape(-1, size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(2, 4))
-        images[start:stop] = coverage[..., None] * colors[start:stop, None, None, :]  # (n, size, size, 3)
-    return images
+        masks[start:stop] = inside.reshape(-1, size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(2, 4))
+    return masks
+
+
+def render_batch(
+    attributes: list[ShapeAttributes],
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+    progress: bool | None = False,
+) -> np.ndarray:
+    """Draw many images at once: (N, size, size, 3) float32 in [0, 1]. `size` is the side in pixels.
+
+    With `rng` each shape is jittered (position +- POSITION_JITTER, radius x 1 +- SIZE_JITTER)
+    deterministically; without it every shape sits exactly on its anchor at its nominal radius.
+    Each image is its `render_masks` coverage times its colour, on black.
+    progress: True shows a bar, None shows one only if drawing takes more than a second.
+    """
+    coverage = render_masks(attributes, size, rng, progress)  # (N, size, size)
+    colors = np.array([COLORS[a.color] for a in attributes], dtype=np.float32).reshape(-1, 3)
+    return coverage[..., None] * colors[:, None, None, :]  # (N, size, size, 3)
 
 
 def render(attributes: ShapeAttributes, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:

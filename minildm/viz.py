@@ -318,12 +318,15 @@ def cross_attention_maps(
     title: str | None = None,
     ncols: int = 8,
 ) -> Figure:
-    """Where each prompt token looks: the image, then one panel per token with its attention map.
+    """Where each prompt token looks: the image, then one panel per token with its attention map alone.
 
     image is (C, H, W) in [0, 1]; maps is (L, h, w), the non-negative cross-attention weight each
     pixel gives token l (usually averaged over heads and steps), at any resolution h x w: it is
-    upsampled bilinearly to H x W. Each map gets its own colour scale (0 to its maximum), so the panels
-    show where each token attends, not how strongly compared with the other tokens.
+    upsampled bilinearly to H x W. All maps share one colour scale, 0 to the largest value of any of them,
+    with a colour bar, so a faint panel is a token that gets little attention; each panel's title gives
+    the token and its share of all the attention drawn, sum(map_l) / sum(maps), in percent. The image is
+    not drawn under the maps: compare positions with the first panel.
+    Raises ValueError for maps that are not (L, h, w), negative, or not one per token.
     """
     image = _check_images(image, "image", (3,), "(C, H, W)")
     if not isinstance(maps, torch.Tensor) or maps.ndim != 3:
@@ -335,24 +338,26 @@ def cross_attention_maps(
         raise ValueError(f"attention maps must be non-negative, got a minimum of {maps.min().item():.3g}")
     height, width = image.shape[1:]
     maps = maps.detach().float().cpu()
+    shares = maps.sum(dim=(1, 2)) / maps.sum().clamp_min(1e-12)  # (L,): each token's part of the total
     upsampled = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)
     upsampled = upsampled[:, 0]  # (L, 1, H, W) -> (L, H, W)
-    gray = image.float().clamp(0, 1).cpu()
-    if gray.shape[0] == 3:
-        gray = (0.299 * gray[0] + 0.587 * gray[1] + 0.114 * gray[2])[None]  # ITU-R 601 luma, (1, H, W)
+    vmax = max(upsampled.max().item(), 1e-12)  # one scale for every token; an all-zero set would divide by 0
 
     panels = 1 + len(tokens)
     columns = min(max(1, ncols), panels)
     rows = math.ceil(panels / columns)
-    fig, axes = _detached_subplots(rows, columns, figsize=(1.8 * columns, 1.9 * rows + (0.4 if title else 0)))
+    fig, axes = _detached_subplots(rows, columns, figsize=(1.8 * columns + 0.6, 1.9 * rows + (0.4 if title else 0)))
     flat_axes = list(axes.flat)
     _imshow(flat_axes[0], image, "image")
-    for token, attention, ax in zip(tokens, upsampled, flat_axes[1:]):
-        _imshow(ax, gray, token)
-        vmax = max(attention.max().item(), 1e-12)  # an all-zero map would otherwise divide by zero
-        ax.imshow(attention.numpy(), cmap="inferno", alpha=0.55, vmin=0.0, vmax=vmax)
+    shown = None
+    for token, share, attention, ax in zip(tokens, shares.tolist(), upsampled, flat_axes[1:]):
+        shown = ax.imshow(attention.numpy(), cmap="inferno", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.axis("off")
+        ax.set_title(f"{token}\n{share:.0%}", fontsize=TITLE_FONTSIZE)
     for ax in flat_axes[panels:]:
         ax.axis("off")  # the unused cells of the last row
+    if shown is not None:
+        fig.colorbar(shown, ax=list(flat_axes[1:panels]), shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title)
     return fig

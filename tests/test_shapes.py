@@ -13,6 +13,7 @@ from minildm.shapes import (
     POSITION_ANCHORS,
     POSITIONS,
     SHAPES,
+    SIZE_RADII,
     SIZES,
     ShapeAttributes,
     ShapesDataset,
@@ -22,6 +23,7 @@ from minildm.shapes import (
     parse_caption,
     render,
     render_batch,
+    render_masks,
 )
 
 
@@ -165,6 +167,28 @@ def test_jitter_follows_the_generator():
     np.testing.assert_array_equal(same[0], same[1])
     assert not np.array_equal(same[0], render(attributes, rng=np.random.default_rng(8)))
     np.testing.assert_array_equal(render(attributes), render(attributes))
+
+
+def test_masks_cover_the_shapes_area_and_are_the_images_without_colour():
+    size = 64
+    circle = render_masks([ShapeAttributes("red", "circle", "large", "center")], size=size)[0]  # (64, 64)
+    assert circle.shape == (size, size) and circle.dtype == np.float32 and 0 <= circle.min() <= circle.max() <= 1
+    radius_px = SIZE_RADII["large"] * size
+    assert circle.sum() == pytest.approx(np.pi * radius_px**2, rel=0.01)  # πr², in pixels
+    square = render_masks([ShapeAttributes("red", "square", "small", "top left")], size=size)[0]
+    assert square.sum() == pytest.approx((2 * 0.9 * SIZE_RADII["small"] * size) ** 2, rel=0.03)  # (2 · 0.9 r)²
+    # Drawn with the same generator state, an image is its mask times its colour.
+    attributes = list(HELD_OUT)
+    masks = render_masks(attributes, size=32, rng=np.random.default_rng(3))
+    images = render_batch(attributes, size=32, rng=np.random.default_rng(3))
+    colors = np.array([COLORS[a.color] for a in attributes], dtype=np.float32)
+    np.testing.assert_allclose(images, masks[..., None] * colors[:, None, None, :], rtol=0, atol=0)
+    # The nominal mask (no rng) holds most of a jittered drawing of the same caption.
+    jittered = render_masks(attributes, size=32, rng=np.random.default_rng(4))
+    nominal = render_masks(attributes, size=32) > 0.5
+    assert ((jittered * nominal).sum(axis=(1, 2)) / jittered.sum(axis=(1, 2))).min() > 0.6
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        render_masks(attributes, size=8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -200,25 +200,31 @@ def test_denoising_trajectory_subsamples_columns_including_ends():
         viz.denoising_trajectory(xt, x0[:3], timesteps)
 
 
-def test_cross_attention_maps_panels_upsampling_and_token_check():
+def test_cross_attention_maps_panels_common_scale_and_shares():
     image = torch.rand(3, 16, 16)
     maps = torch.zeros(3, 4, 4)
-    maps[0, 0, 0] = 1.0  # token 0 attends to the top-left corner only
-    maps[1] = 0.25  # token 1 attends everywhere equally
-    tokens = ["a", "red", "circle"]
+    maps[0, 0, 0] = 1.0  # token 0 attends to the top-left corner only: total 1
+    maps[1] = 0.25  # token 1 attends everywhere equally: total 4
+    tokens = ["a", "red", "circle"]  # token 2 gets nothing
     fig = viz.cross_attention_maps(image, maps, tokens, title="attention")
     panels = image_axes(fig)
     assert len(panels) == 4
-    assert [ax.get_title() for ax in panels] == ["image", "a", "red", "circle"]
-    heat = np.asarray(panels[1].images[1].get_array())  # overlay of token "a", upsampled to 16 x 16
+    assert [ax.get_title() for ax in panels] == ["image", "a\n20%", "red\n80%", "circle\n0%"]  # shares of 5
+    assert all(len(ax.images) == 1 for ax in panels)  # each map alone, no image drawn under it
+    heat = np.asarray(panels[1].images[0].get_array())  # token "a", upsampled to 16 x 16
     assert heat.shape == (16, 16)
     assert heat[0, 0] > heat[8, 8] and heat[15, 15] == 0
+    limits = {ax.images[0].get_clim() for ax in panels[1:]}
+    assert len(limits) == 1 and limits.pop() == (0.0, pytest.approx(heat.max()))  # one scale for all tokens
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
     assert_renders(fig)
     plt.close(fig)
     with pytest.raises(ValueError, match="one token per map"):
         viz.cross_attention_maps(image, maps, ["a", "red"])
     with pytest.raises(ValueError, match="non-negative"):
         viz.cross_attention_maps(image, -maps, tokens)
+    with pytest.raises(ValueError, match=r"\(L, h, w\)"):
+        viz.cross_attention_maps(image, maps[0], tokens)
 
 
 def test_plot_losses_raw_and_smoothed_on_log_axis():
