@@ -8,12 +8,14 @@ and notebook 09 train exactly the model notebook 05 did; read a notebook for wha
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
 from .classifier import SmallClassifier
 from .data import LabeledImages
@@ -37,11 +39,13 @@ def mnist_autoencoder_or_train(train: LabeledImages, factor: int = 4, artifacts:
     """Load artifacts/autoencoder_mnist_f{factor}_{profile}, or train it (3 minutes at the cpu profile) and save it."""
     path = Path(artifacts) / f"autoencoder_mnist_f{factor}_{current_profile()}"
     if (path / "autoencoder.json").exists():
+        print(f"reused {path} (delete it to train again)")
         return AutoencoderKL.load(path).eval()
     autoencoder = mnist_autoencoder(factor)
-    train_autoencoder(autoencoder, train.images, TrainingConfig.for_autoencoder(
+    history = train_autoencoder(autoencoder, train.images, TrainingConfig.for_autoencoder(
         steps=pick(ci=30, cpu=20000), batch_size=16, lr=2e-3,
-        max_minutes=minutes if minutes is not None else pick(ci=0.5, cpu=3.0), device=device))
+        max_minutes=minutes if minutes is not None else pick(ci=0.5, cpu=3.0), device=device, progress=False))
+    print(f"trained the f={factor} autoencoder: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
     autoencoder.save(path)
     return autoencoder.cpu().eval()
 
@@ -58,6 +62,67 @@ def mnist_unet(in_channels: int, cross_attention_dim: int) -> UNet2DConditionMod
         attention_head_dim=pick(ci=8, cpu=32), norm_num_groups=pick(ci=8, cpu=16)))
 
 
+def mnist_pixel_model(captions: list[str]) -> LatentDiffusion:
+    """Notebook 05's working pixel-space model: a UNet sized for 32x32 pixels, untrained.
+
+    On pixels the first level runs at all 32x32 positions and costs most of a step, so it is narrow (16
+    channels), the resolution is halved twice (32 -> 16 -> 8), and attention, whose cost grows with the square of
+    the positions, runs only at 8x8. About a third of notebook 06's UNet's step, for many more steps per minute.
+    """
+    text_encoder = TextEncoder.from_captions(captions, hidden_size=pick(ci=32, cpu=64), num_layers=1)
+    unet = UNet2DConditionModel(UNetConfig(
+        in_channels=1, out_channels=1, block_out_channels=pick(ci=(8, 16, 16), cpu=(16, 32, 64)),
+        attention_levels=(False, False, True), cross_attention_dim=text_encoder.config.hidden_size,
+        attention_head_dim=pick(ci=8, cpu=16), norm_num_groups=pick(ci=4, cpu=8)))
+    return LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=32)
+
+
+def _train_or_reuse(path: Path, build, train: LabeledImages, config: TrainingConfig, what: str) -> LatentDiffusion:
+    """Load the model saved at `path`, or build() it, train it on all of `train` and save it with its history.
+
+    Either way, prints what happened: "reused PATH (...)" with the steps and seconds the saved run took, or
+    "trained WHAT: N steps in S s". The loss history is kept in PATH/history.json for the notebooks' curves.
+    """
+    history_path = path / "history.json"
+    if (path / "config.json").exists():
+        history = json.loads(history_path.read_text()) if history_path.exists() else None
+        took = f"; it trained {history['steps'][0]} steps in {history['seconds'][0]:.0f} s" if history else ""
+        print(f"reused {path} (delete it to train again{took})")
+        model = LatentDiffusion.load(path, device=config.device if config.device is not None else "cpu")
+        model.history = history
+        return model
+    torch.manual_seed(0)
+    model = build()
+    history = train_ldm(model, train.images, train.captions, config)
+    print(f"trained {what}: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
+    model.save(path)
+    atomic_write_json(history_path, history)
+    model.history = history
+    return model
+
+
+def mnist_pixel_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
+                             device=None) -> LatentDiffusion:
+    """Notebook 05's working pixel model (`mnist_pixel_model`), from artifacts/pixel_ddpm_mnist_{profile}, or
+    trained for 15 minutes at the cpu profile (batch 64, lr 2e-3) and saved there. `.history` holds its losses."""
+    config = TrainingConfig(steps=pick(ci=60, cpu=100000), batch_size=pick(ci=8, cpu=64), lr=2e-3,
+                            max_minutes=pick(ci=0.3, cpu=15.0), device=device, progress=False)
+    return _train_or_reuse(Path(artifacts) / f"pixel_ddpm_mnist_{current_profile()}",
+                           lambda: mnist_pixel_model(train.captions), train, config, "the pixel model")
+
+
+def mnist_pixel_equal_time_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
+                                    device=None) -> LatentDiffusion:
+    """Notebook 06's UNet design on pixels (`mnist_model(None, ...)`), trained with notebook 06's settings (batch
+    64, lr 1e-3, 5 minutes at the cpu profile): the equal-time comparison of notebooks 05, 06 and 09. Saved at
+    artifacts/pixel_mnist_{profile}; `.history` holds its losses."""
+    config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
+                            max_minutes=pick(ci=0.3, cpu=5.0), device=device, progress=False)
+    return _train_or_reuse(Path(artifacts) / f"pixel_mnist_{current_profile()}",
+                           lambda: mnist_model(None, train.captions), train, config,
+                           "notebook 06's UNet on pixels, for the equal-time comparison")
+
+
 def mnist_model(autoencoder: AutoencoderKL | None, captions: list[str]) -> LatentDiffusion:
     """A text-to-image model of 32x32 digits: in latent space, or on pixels when autoencoder is None."""
     text_encoder = mnist_text_encoder(captions)
@@ -71,14 +136,16 @@ def mnist_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "art
     """Load notebook 06's latent model from artifacts/ldm_mnist_{profile}, or train it (5 min at cpu) and save it."""
     path = Path(artifacts) / f"ldm_mnist_{current_profile()}"
     if (path / "config.json").exists():
+        print(f"reused {path} (delete it to train again)")
         return LatentDiffusion.load(path, device=device if device is not None else "cpu")
     autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
     torch.manual_seed(0)
     ldm = mnist_model(autoencoder, train.captions)
     n = pick(ci=2000, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
-    train_ldm(ldm, train.images[:n], train.captions[:n], TrainingConfig(
+    history = train_ldm(ldm, train.images[:n], train.captions[:n], TrainingConfig(
         steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3, max_minutes=pick(ci=0.3, cpu=5.0),
-        device=device))
+        device=device, progress=False))
+    print(f"trained notebook 06's latent model: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
     ldm.save(path)
     return ldm
 

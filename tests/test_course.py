@@ -35,3 +35,26 @@ def test_autoencoder_is_trained_once_then_reused(monkeypatch, tmp_path):
     for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     assert again.scaling_factor == first.scaling_factor
+
+
+def test_pixel_models_are_trained_once_with_their_history_then_reused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MINILDM_PROFILE", "ci")
+    data = tiny_digits()
+    for train_or_reuse, folder in ((course.mnist_pixel_ldm_or_train, "pixel_ddpm_mnist_ci"),
+                                   (course.mnist_pixel_equal_time_or_train, "pixel_mnist_ci")):
+        first = train_or_reuse(data, artifacts=tmp_path, device="cpu")
+        assert "trained" in capsys.readouterr().out
+        assert (tmp_path / folder / "config.json").is_file() and (tmp_path / folder / "history.json").is_file()
+        assert first.history["steps"][0] == len(first.history["loss"]) > 0
+        again = train_or_reuse(data, artifacts=tmp_path, device="cpu")
+        said = capsys.readouterr().out
+        assert f"reused {tmp_path / folder}" in said and f"it trained {first.history['steps'][0]} steps" in said
+        assert again.history == first.history
+        for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(a, b), name
+    # The working pixel model is the small one sized for pixels; the equal-time one is notebook 06's UNet.
+    pixel = course.mnist_pixel_model(data.captions)
+    assert pixel.backbone.config.attention_levels == (False, False, True)
+    assert pixel.latent_shape() == (1, 32, 32)
+    design = course.mnist_model(None, data.captions).backbone.config
+    assert again.backbone.config.block_out_channels == design.block_out_channels
