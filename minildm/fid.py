@@ -295,16 +295,23 @@ def kid(
 ) -> KIDResult:
     """Domain KID: `kernel_inception_distance` between real and generated images in `classifier`'s features.
 
-    The same features as `fid` (images (N, C, H, W) in [-1, 1]); the mean is unbiased, so a few hundred
-    images per set are enough, and a shifted model shows as a mean several stds above 0. Like FID, the
-    values are only comparable within one classifier. Values are small (the kernel is a cubic of
-    normalised dot products): report them as they are or times 1000, saying which.
+    The same features as `fid` (images (N, C, H, W) in [-1, 1]), both sets divided by one number: the root
+    mean square of the real features, s = sqrt(mean(x²)). The cubic kernel (xᵀy / d + 1)³ was made for
+    Inception features, where xᵀy / d is below 1; the classifier's features are tens (measured on MNIST:
+    RMS 8.4), which puts k in the hundreds of thousands and KID in the millions, with the same error bars
+    relative to the mean. Divided by s, xᵀx / d is 1 on average over the real set; the scale comes from the
+    real images alone, so every model is scored on the same kernel. The mean is unbiased, so a few hundred
+    images per set are enough to see a large difference: measured on 200 MNIST test digits against 2000
+    others, 0.025 ± 0.053 for real digits, 0.33 ± 0.10 for digits 0-4 only. Like FID, values are only
+    comparable within one classifier; report them as they are or times 1000, saying which.
     Raises the errors of `fid` and of `kernel_inception_distance`.
     """
     _check_pair(real_images, generated_images, classifier)
     real_features = _features(real_images, classifier, batch_size=256)  # (N_real, F)
     generated_features = _features(generated_images, classifier, batch_size=256)  # (N_generated, F)
-    return kernel_inception_distance(real_features, generated_features, subset_size, num_subsets, seed)
+    scale = real_features.pow(2).mean().sqrt().clamp_min(1e-12)  # s: one number, from the real set
+    return kernel_inception_distance(real_features / scale, generated_features / scale, subset_size, num_subsets,
+                                     seed)
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor, data_range: float = 2.0) -> float:

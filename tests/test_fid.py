@@ -1,5 +1,6 @@
 """Tests for minildm/fid.py: the Fréchet distance, feature statistics, KID, PSNR, prompt accuracy, Wilson intervals."""
 
+import copy
 import math
 
 import numpy as np
@@ -231,9 +232,17 @@ def test_kid_on_images_uses_the_fid_features(tiny_classifier):
     images = torch.rand(40, 1, 32, 32) * 2 - 1
     other = torch.rand(40, 1, 32, 32) * 2 - 1
     with torch.no_grad():
-        expected = kernel_inception_distance(tiny_classifier.features(images), tiny_classifier.features(other))
+        real, generated = tiny_classifier.features(images).double(), tiny_classifier.features(other).double()
+    scale = real.pow(2).mean().sqrt()  # one number from the real features: the kernel's dot products near 1
+    expected = kernel_inception_distance(real / scale, generated / scale)
     result = kid(images, other, tiny_classifier)
     assert result.mean == pytest.approx(expected.mean, rel=1e-5, abs=1e-9)
+    assert result.std == pytest.approx(expected.std, rel=1e-5, abs=1e-9)
+    # The same classifier with its features scaled by 10 gives the same KID: the scale is divided out.
+    scaled = copy.deepcopy(tiny_classifier)
+    original_features = scaled.features
+    scaled.features = lambda x: 10 * original_features(x)
+    assert kid(images, other, scaled).mean == pytest.approx(result.mean, rel=1e-4, abs=1e-9)
     assert kid(images, -other.abs(), tiny_classifier).mean > result.mean + 2 * result.std
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         kid(images * 255, other, tiny_classifier)
