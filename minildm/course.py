@@ -67,7 +67,8 @@ def mnist_pixel_model(captions: list[str]) -> LatentDiffusion:
 
     On pixels the first level runs at all 32x32 positions and costs most of a step, so it is narrow (16
     channels), the resolution is halved twice (32 -> 16 -> 8), and attention, whose cost grows with the square of
-    the positions, runs only at 8x8. About a third of notebook 06's UNet's step, for many more steps per minute.
+    the positions, runs only at 8x8. Its training step costs about a quarter of notebook 06's UNet's on pixels
+    (notebook 05 prints both), so the same minutes buy about four times the steps.
     """
     text_encoder = TextEncoder.from_captions(captions, hidden_size=pick(ci=32, cpu=64), num_layers=1)
     unet = UNet2DConditionModel(UNetConfig(

@@ -82,8 +82,12 @@ def _detached_subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> 
 
 
 def _wrap_title(text: str, panel_width_inches: float) -> str:
-    """Wrap a long prompt to at most two lines that fit over a panel, ending in '…' if cut."""
+    """Wrap a long prompt to at most two lines that fit over a panel, ending in '…' if cut. A title that
+    already has two lines ("prompt\nreading") keeps them, each shortened to one line if it must be."""
     chars_per_line = max(8, int(panel_width_inches * 72 / (TITLE_FONTSIZE * 0.55)))  # 72 pt per inch
+    parts = text.split("\n")
+    if len(parts) == 2:
+        return "\n".join(textwrap.shorten(part, width=chars_per_line, placeholder=" …") for part in parts)
     return "\n".join(textwrap.wrap(text, width=chars_per_line, max_lines=2, placeholder=" …"))
 
 

@@ -118,6 +118,13 @@ def test_show_images_counts_titles_and_renders():
     assert len(fig.axes) == 12  # 3 rows of 4, two cells left empty
     shown_title = image_axes(fig)[0].get_title()
     assert 1 <= shown_title.count("\n") + 1 <= 2  # wrapped to at most two lines
+    two_lines = viz.show_images(images[:2], titles=["asked: a red circle\nread: a blue square"] * 2, ncols=2)
+    assert image_axes(two_lines)[0].get_title() == "asked: a red circle\nread: a blue square"  # both lines kept
+    long = viz.show_images(images[:1], titles=["asked: " + "very " * 20 + "long\nread: short"])
+    first, second = image_axes(long)[0].get_title().split("\n")
+    assert first.startswith("asked: very") and first.endswith("…") and second == "read: short"
+    plt.close(two_lines)
+    plt.close(long)
     assert assert_renders(fig)[:4] == b"\x89PNG"
     plt.close(fig)
     with pytest.raises(ValueError, match="one title per image"):
