@@ -78,8 +78,9 @@ def mnist_pixel_model(captions: list[str]) -> LatentDiffusion:
     return LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=32)
 
 
-def _train_or_reuse(path: Path, build, train: LabeledImages, config: TrainingConfig, what: str) -> LatentDiffusion:
-    """Load the model saved at `path`, or build() it, train it on all of `train` and save it with its history.
+def _train_or_reuse(path: Path, build, images: torch.Tensor, captions: list[str], config: TrainingConfig,
+                    what: str) -> LatentDiffusion:
+    """Load the model saved at `path`, or build() it, train it on (images, captions) and save it with its history.
 
     Either way, prints what happened: "reused PATH (...)" with the steps and seconds the saved run took, or
     "trained WHAT: N steps in S s". The loss history is kept in PATH/history.json for the notebooks' curves.
@@ -94,7 +95,7 @@ def _train_or_reuse(path: Path, build, train: LabeledImages, config: TrainingCon
         return model
     torch.manual_seed(0)
     model = build()
-    history = train_ldm(model, train.images, train.captions, config)
+    history = train_ldm(model, images, captions, config)
     print(f"trained {what}: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
     model.save(path)
     atomic_write_json(history_path, history)
@@ -109,7 +110,8 @@ def mnist_pixel_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike 
     config = TrainingConfig(steps=pick(ci=60, cpu=100000), batch_size=pick(ci=8, cpu=64), lr=2e-3,
                             max_minutes=pick(ci=0.3, cpu=15.0), device=device, progress=False)
     return _train_or_reuse(Path(artifacts) / f"pixel_ddpm_mnist_{current_profile()}",
-                           lambda: mnist_pixel_model(train.captions), train, config, "the pixel model")
+                           lambda: mnist_pixel_model(train.captions), train.images, train.captions, config,
+                           "the pixel model")
 
 
 def mnist_pixel_equal_time_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
@@ -120,7 +122,7 @@ def mnist_pixel_equal_time_or_train(train: LabeledImages, artifacts: str | os.Pa
     config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
                             max_minutes=pick(ci=0.3, cpu=5.0), device=device, progress=False)
     return _train_or_reuse(Path(artifacts) / f"pixel_mnist_{current_profile()}",
-                           lambda: mnist_model(None, train.captions), train, config,
+                           lambda: mnist_model(None, train.captions), train.images, train.captions, config,
                            "notebook 06's UNet on pixels, for the equal-time comparison")
 
 
@@ -134,21 +136,15 @@ def mnist_model(autoencoder: AutoencoderKL | None, captions: list[str]) -> Laten
 
 def mnist_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
                        device=None) -> LatentDiffusion:
-    """Load notebook 06's latent model from artifacts/ldm_mnist_{profile}, or train it (5 min at cpu) and save it."""
-    path = Path(artifacts) / f"ldm_mnist_{current_profile()}"
-    if (path / "config.json").exists():
-        print(f"reused {path} (delete it to train again)")
-        return LatentDiffusion.load(path, device=device if device is not None else "cpu")
-    autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
-    torch.manual_seed(0)
-    ldm = mnist_model(autoencoder, train.captions)
+    """Load notebook 06's latent model from artifacts/ldm_mnist_{profile}, or train it (5 min at cpu) and save it
+    with its history (notebook 02's f = 4 autoencoder is loaded, or trained, first). `.history` holds its losses."""
     n = pick(ci=2000, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
-    history = train_ldm(ldm, train.images[:n], train.captions[:n], TrainingConfig(
-        steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3, max_minutes=pick(ci=0.3, cpu=5.0),
-        device=device, progress=False))
-    print(f"trained notebook 06's latent model: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
-    ldm.save(path)
-    return ldm
+    config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
+                            max_minutes=pick(ci=0.3, cpu=5.0), device=device, progress=False)
+    return _train_or_reuse(Path(artifacts) / f"ldm_mnist_{current_profile()}",
+                           lambda: mnist_model(mnist_autoencoder_or_train(train, 4, artifacts, device=device),
+                                               train.captions), train.images[:n], train.captions[:n], config,
+                           "notebook 06's latent model")
 
 
 def mnist_classifier() -> SmallClassifier:
