@@ -43,7 +43,10 @@ def test_a_version_2_folder_loads_in_its_dtype_and_generates_what_it_did():
     assert ldm.dtype == torch.bfloat16 and isinstance(ldm.first_stage, PixelSpace)
     images = ldm.generate(CAPTIONS[:2], 4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     expected = load_file(FIXTURES / "ldm_v2_bf16_pixels_expected_images.safetensors")["images"]
-    torch.testing.assert_close(images, expected, rtol=0, atol=1e-2)  # bf16: other CPUs may round differently
+    # bf16 matmuls round differently on other CPUs: one with AMX / AVX512-BF16 kernels differs from the machine
+    # that wrote the fixture by up to 0.025 (mean 0.002) over the 4 steps; a wrongly loaded weight differs by ~0.3.
+    difference = (images - expected).abs()
+    assert difference.max() <= 0.05 and difference.mean() <= 0.005, (difference.max(), difference.mean())
 
 
 def test_a_version_1_folder_saves_as_version_2_with_the_same_model(tmp_path):
