@@ -5,8 +5,8 @@ row for an image position says how much of that position's update comes from eac
 heads, layers and sampling steps, column j of that matrix, laid out on the latent grid, is a map of where
 token j acts: the word "circle" lights up the circle (Hertz et al. 2022, "Prompt-to-Prompt", fig. 4).
 
-Layers at coarser levels of the backbone see a smaller grid; their maps are upsampled bilinearly to the
-latent size h x w before averaging. Depends on torch; works with any model whose backbone lists its
+Layers at coarser levels of a UNet, and a DiT's patches, see a smaller grid; their maps are upsampled
+bilinearly to the latent size h x w before averaging. Depends on torch; works with any model whose backbone lists its
 cross-attention layers (interfaces.Backbone.cross_attention_modules) and whose conditioner names its
 tokens (interfaces.Conditioner.tokens).
 """
@@ -40,6 +40,9 @@ def cross_attention_maps(model, prompt: str, num_inference_steps: int = 50, guid
         raise ValueError("this backbone has no cross-attention layers, so there is nothing to map")
     _, h, w = model.latent_shape()
     grids = {gh * gw: (gh, gw) for gh, gw in reversed(_grids(h, w))}  # positions N -> (rows, columns)
+    for p in range(3, min(h, w) + 1):  # a transformer's patch grid (h/p, w/p) for a patch size the halving misses
+        if h % p == 0 and w % p == 0:
+            grids.setdefault(h // p * (w // p), (h // p, w // p))
     total, calls = None, 0
 
     def record(step_index, timestep, latents):

@@ -84,7 +84,8 @@ class Backbone(Protocol):
     """The denoising network: forward(sample (B, c, h, w), timestep, encoder_hidden_states (B, L, D)) -> (B, c, h, w).
 
     `timestep` is one number for the whole batch (a python int or float, or a 0-d tensor) or one per sample
-    (B,); floats are allowed for samplers that work in continuous time. Any h and w are accepted.
+    (B,); floats are allowed for samplers that work in continuous time (a flow's σ · 1000). A UNet accepts any
+    h and w; a transformer (DiTTransformer2DModel) multiples of its patch size, refusing others with a ValueError.
     """
 
     in_channels: int
@@ -114,7 +115,7 @@ class Sampler(Protocol):
     prediction type, and the pipeline refuses one whose `schedule` or `prediction_type` is not its model's.
     """
 
-    timesteps: torch.Tensor | None  # (n * order,) set by set_timesteps, in the order the loop visits them
+    timesteps: torch.Tensor | None  # (about n * order,) set by set_timesteps, in the order the loop visits them
     init_noise_sigma: float  # the starting noise's standard deviation (a property if set_timesteps decides it)
     order: int  # model calls per step
     prediction_type: str
