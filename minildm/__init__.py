@@ -12,6 +12,7 @@ from .data import LabeledImages
 from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
 from .distributed import is_main_process, pick_device
+from .dit import DiTConfig, DiTTransformer2DModel
 from .ema import EMAModel
 from .fid import (
     KIDResult,
@@ -24,12 +25,22 @@ from .fid import (
     proportion_ci,
     psnr,
 )
+from .flow import FlowMatchSchedule, time_shift
 from .image_datasets import load_image_dataset
 from .ldm import GenerationOutput, LatentDiffusion
+from .loss_weighting import min_snr_weights
 from .metrics import ShapesChecker
 from .mnist import load_fashion_mnist, load_mnist
 from .pixel_space import PixelSpace
-from .samplers import DDIMSampler, DDPMSampler, SamplerOutput, randn_tensor
+from .samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverMultistepSampler,
+    FlowMatchEulerSampler,
+    FlowMatchHeunSampler,
+    SamplerOutput,
+    randn_tensor,
+)
 from .schedule import NoiseSchedule
 from .shapes import HELD_OUT, ShapeAttributes, ShapesDataset
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
@@ -46,6 +57,8 @@ __all__ = [
     "fid", "frechet_distance", "label_accuracy", "psnr", "GenerationOutput", "LatentDiffusion", "ShapesChecker",
     "DDIMSampler", "DDPMSampler", "SamplerOutput", "NoiseSchedule", "HELD_OUT", "ShapeAttributes", "ShapesDataset",
     "TextEncoder", "TextEncoderConfig", "Tokenizer", "pick_device", "train_autoencoder", "train_ldm",
-    "UNet2DConditionModel", "UNetConfig",
+    "UNet2DConditionModel", "UNetConfig", "DiTConfig", "DiTTransformer2DModel",
     "KIDResult", "kernel_inception_distance", "kid", "proportion_ci",
+    "FlowMatchSchedule", "time_shift", "min_snr_weights", "DPMSolverMultistepSampler", "FlowMatchEulerSampler",
+    "FlowMatchHeunSampler",
 ]

@@ -40,17 +40,52 @@ from tqdm.auto import tqdm
 from . import model_folder
 from .attention_maps import cross_attention_maps
 from .checks import check_device, check_generator, check_images, explain_missing_kernels
+from .flow import FlowMatchSchedule
 from .interfaces import Backbone, Conditioner, FirstStage, Sampler, check_slot
+from .loss_weighting import min_snr_weights
 from .pixel_space import PixelSpace
-from .samplers import DDIMSampler, DDPMSampler, randn_tensor
+from .samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverMultistepSampler,
+    FlowMatchEulerSampler,
+    FlowMatchHeunSampler,
+    randn_tensor,
+)
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 
-# The samplers make_sampler() builds by name, with the settings it gives them unless told otherwise:
-# "trailing" spacing starts every run at t = T - 1 and works for any number of steps from 1 to T.
+# What a backbone may predict: ε, v or x_0 on a diffusion schedule, or a flow's velocity ε - x_0 on its path.
+MODEL_PREDICTION_TYPES = (*PREDICTION_TYPES, "flow_prediction")
+
+# The samplers make_sampler() builds by name, per family, with the settings it gives them unless told
+# otherwise; the first of each family is generate()'s default. "trailing" spacing starts every run at
+# t = T - 1 and works for any number of steps from 1 to T.
 SAMPLERS = {
-    "ddim": (DDIMSampler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
-    "ddpm": (DDPMSampler, {"timestep_spacing": "trailing"}),
+    "diffusion": {
+        "ddim": (DDIMSampler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+        "ddpm": (DDPMSampler, {"timestep_spacing": "trailing"}),
+        "dpm_solver": (DPMSolverMultistepSampler, {"timestep_spacing": "trailing"}),
+    },
+    "flow": {
+        "euler": (FlowMatchEulerSampler, {}),
+        "heun": (FlowMatchHeunSampler, {}),
+    },
 }
+
+
+def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Rescaled classifier-free guidance (Lin et al. 2023, arXiv:2305.08891, sec. 3.4; diffusers' rescale_noise_cfg):
+
+        x_rescaled = x_cfg · σ_pos / σ_cfg,    x_final = φ x_rescaled + (1 - φ) x_cfg
+
+    with σ the standard deviation of each sample over all its other dimensions: large guidance scales inflate
+    the guided output's spread, and this pulls it back to the conditional output's. guided (x_cfg), conditional
+    (x_pos): (B, ...); φ = guidance_rescale in [0, 1]. Returns (B, ...)."""
+    dims = list(range(1, guided.ndim))
+    std_conditional = conditional.std(dim=dims, keepdim=True)  # σ_pos, (B, 1, ..., 1)
+    std_guided = guided.std(dim=dims, keepdim=True)  # σ_cfg
+    rescaled = guided * (std_conditional / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
 @dataclass
@@ -65,10 +100,13 @@ class LatentDiffusion(nn.Module):
     """A text-to-image latent diffusion model: `generate(prompts)` -> images, `training_loss(images, captions)`.
 
     first_stage: a FirstStage (AutoencoderKL), or None to diffuse pixels (PixelSpace). It is frozen here.
-    backbone: a Backbone (UNet2DConditionModel) taking the first stage's latent channels.
-    schedule: the NoiseSchedule the backbone is trained on.
+    backbone: a Backbone (UNet2DConditionModel or DiTTransformer2DModel) taking the first stage's latent channels.
+    schedule: the process the backbone is trained on, and the one switch between the two families: a
+        NoiseSchedule (diffusion: DDPM/DDIM/DPM-Solver sampling) or a FlowMatchSchedule (rectified flow:
+        x_σ = (1 - σ) z_0 + σ ε, Euler/Heun sampling; flow.py).
     conditioner: a Conditioner (TextEncoder) whose width is the backbone's cross_attention_dim.
-    prediction_type: what the backbone predicts: "epsilon", "v_prediction" or "sample" (x_0).
+    prediction_type: what the backbone predicts: "epsilon", "v_prediction" or "sample" (x_0) on a
+        NoiseSchedule; "flow_prediction" (the velocity ε - z_0, the only choice) on a FlowMatchSchedule.
     image_size: the default height and width of generated images, a multiple of the first stage's factor f.
 
     Raises TypeError for an argument that does not fill its slot, ValueError for slots that do not fit
@@ -89,8 +127,9 @@ class LatentDiffusion(nn.Module):
         check_slot(first_stage, FirstStage, "first_stage")
         check_slot(backbone, Backbone, "backbone")
         check_slot(conditioner, Conditioner, "conditioner")
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, (NoiseSchedule, FlowMatchSchedule)):
+            raise TypeError(f"schedule must be a NoiseSchedule (diffusion) or a FlowMatchSchedule (rectified flow), "
+                            f"got {type(schedule).__name__}")
         c = first_stage.latent_channels
         if backbone.in_channels != c or backbone.out_channels != c:
             raise ValueError(f"the backbone must take and return the first stage's {c} latent channels, got "
@@ -98,8 +137,16 @@ class LatentDiffusion(nn.Module):
         if backbone.cross_attention_dim != conditioner.hidden_size:
             raise ValueError(f"the backbone's cross_attention_dim={backbone.cross_attention_dim} must equal the "
                              f"conditioner's hidden_size={conditioner.hidden_size}")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type not in MODEL_PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {MODEL_PREDICTION_TYPES}, got {prediction_type!r}")
+        if isinstance(schedule, FlowMatchSchedule) != (prediction_type == "flow_prediction"):
+            raise ValueError(f"prediction_type={prediction_type!r} does not fit a {type(schedule).__name__}: a "
+                             f"FlowMatchSchedule trains prediction_type='flow_prediction', a NoiseSchedule one of "
+                             f"{PREDICTION_TYPES}")
+        if prediction_type == "epsilon" and schedule.rescale_betas_zero_snr:
+            warnings.warn("an ε-prediction model on a zero-terminal-SNR schedule cannot predict x_0 at the last "
+                          "timestep, where SNR = 0 (Lin et al. 2023, sec. 3.2): use prediction_type='v_prediction'",
+                          UserWarning, stacklevel=2)
         f = first_stage.downsampling_factor
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < f or image_size % f:
             raise ValueError(f"image_size must be a multiple of the first stage's factor f={f}, got {image_size!r}")
@@ -124,6 +171,11 @@ class LatentDiffusion(nn.Module):
     def forward(self, *args, **kwargs):
         raise TypeError("a LatentDiffusion is not called directly: ldm.generate(prompts) makes images, "
                         "ldm.training_loss(images, captions) gives the loss")
+
+    @property
+    def is_flow(self) -> bool:
+        """True for a rectified flow (a FlowMatchSchedule), False for a diffusion model."""
+        return isinstance(self.schedule, FlowMatchSchedule)
 
     @property
     def device(self) -> torch.device:
@@ -177,32 +229,39 @@ class LatentDiffusion(nn.Module):
         return self.latent_training_loss(self.encode_images(images, generator), captions, caption_dropout, generator)
 
     def latent_training_loss(self, latents: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
         """Eq. (3) on scaled latents z_0 (B, c, h, w), a scalar float32 loss. Draws t, ε and the caption
         dropout from `generator` (draw_training_noise), then computes diffusion_loss."""
         self._check_captions(latents, captions)  # before the draws, which need the batch's shape
         timesteps, noise, dropped = self.draw_training_noise(latents.shape, caption_dropout, generator)
-        return self.diffusion_loss(latents, captions, timesteps, noise, dropped)
+        return self.diffusion_loss(latents, captions, timesteps, noise, dropped, snr_gamma=snr_gamma)
 
     def draw_training_noise(self, shape: tuple[int, ...], caption_dropout: float = 0.1,
                             generator: torch.Generator | None = None):
         """The randomness of one training step for latents of `shape` (B, c, h, w), drawn on the CPU from
-        `generator`: (timesteps (B,) int64 in [0, T), noise ε (B, c, h, w) float32, dropped (B,) bool)."""
+        `generator`: (timesteps (B,), noise ε (B, c, h, w) float32, dropped (B,) bool). Timesteps are int64 in
+        [0, T) for diffusion, uniform; for a flow, float32 σ · T with σ logit-normal (FlowMatchSchedule)."""
         if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
         check_generator(generator)
         B = shape[0]
         dropped = torch.rand(B, generator=generator) < caption_dropout
-        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
+        if self.is_flow:
+            timesteps = self.schedule.sample_sigmas(B, generator) * self.schedule.num_train_timesteps
+        else:
+            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
         noise = torch.randn(tuple(shape), generator=generator)
         return timesteps, noise, dropped
 
     def diffusion_loss(self, latents: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
-                       noise: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+                       noise: torch.Tensor, dropped: torch.Tensor, *, snr_gamma: float | None = None) -> torch.Tensor:
         """Eq. (3) with every random draw given: || target - model(z_t, t, τ(y)) ||², averaged, as float32.
 
-        latents z_0 (B, c, h, w); captions, B strings; timesteps (B,) integers in [0, T); noise ε like latents;
-        dropped (B,) bool: these captions are replaced by the null condition. Raises TypeError / ValueError
+        latents z_0 (B, c, h, w); captions, B strings; timesteps (B,) integers in [0, T) (for a flow, floats
+        σ · T in [0, T]); noise ε like latents;
+        dropped (B,) bool: these captions are replaced by the null condition. snr_gamma: None for the plain
+        mean, or γ of Min-SNR-γ weighting (loss_weighting.py; Hang et al. 2023 use 5): each sample's MSE is
+        weighted by min(SNR(t), γ) over SNR(t) (ε), SNR(t) + 1 (v) or 1 (x_0). Raises TypeError / ValueError
         for arguments of the wrong kind or shape.
         """
         self._check_captions(latents, captions)
@@ -212,15 +271,25 @@ class LatentDiffusion(nn.Module):
         timesteps = timesteps.to(device)
         captions = [self.conditioner.null_condition if drop else caption
                     for caption, drop in zip(captions, dropped.tolist())]
-        noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
+        if self.is_flow:
+            sigmas = self.schedule.to_sigmas(timesteps)  # (B,) σ = t / T
+            noisy = self.schedule.add_noise(latents, noise, sigmas)  # z_σ = (1 - σ) z_0 + σ ε
+        else:
+            noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
         model_output = self.backbone(noisy, timesteps, self.conditioner.encode(captions))
-        if self.prediction_type == "epsilon":
+        if self.is_flow:
+            target = self.schedule.get_velocity(latents, noise)  # u = ε - z_0
+        elif self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
             target = self.schedule.get_velocity(latents, noise, timesteps)  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0
         else:
             target = latents
-        return F.mse_loss(model_output.float(), target.float())
+        if snr_gamma is None:
+            return F.mse_loss(model_output.float(), target.float())
+        weights = min_snr_weights(self.schedule.snr(timesteps), snr_gamma, self.prediction_type).to(device)  # (B,)
+        per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+        return (weights * per_sample).mean()
 
     def _check_captions(self, latents, captions) -> None:
         check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
@@ -245,35 +314,47 @@ class LatentDiffusion(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------------------
 
-    def make_sampler(self, name: str = "ddim", **settings):
-        """A sampler for this model's schedule and prediction type, by name ("ddim" or "ddpm").
+    def make_sampler(self, name: str | None = None, **settings):
+        """A sampler for this model's schedule and prediction type, by name: "ddim" (the default), "ddpm" or
+        "dpm_solver" (DPM-Solver++(2M)) for a diffusion model; "euler" (the default) or "heun" for a flow.
 
-        Unless `settings` say otherwise it uses "trailing" spacing, and DDIM lands on a clean x_0
-        (set_alpha_to_one=True): every num_inference_steps from 1 to T then works, and the first step
-        starts from t = T - 1 (Lin et al. 2023). `make_sampler()` is generate()'s default sampler.
-        `settings` are the sampler's own arguments (eta=..., timestep_spacing=..., steps_offset=...).
+        Unless `settings` say otherwise the diffusion samplers use "trailing" spacing, and DDIM lands on a
+        clean x_0 (set_alpha_to_one=True): every num_inference_steps from 1 to T then works, and the first
+        step starts from t = T - 1 (Lin et al. 2023). `make_sampler()` is generate()'s default sampler.
+        `settings` are the sampler's own arguments (eta=..., timestep_spacing=..., shift=...).
+        Raises ValueError for a name of the other family or an unknown one.
         """
-        if not isinstance(name, str) or name not in SAMPLERS:
-            raise ValueError(f"sampler name must be one of {tuple(SAMPLERS)}, got {name!r}")
+        family, other = ("flow", "diffusion") if self.is_flow else ("diffusion", "flow")
+        name = next(iter(SAMPLERS[family])) if name is None else name
+        if not isinstance(name, str) or name not in SAMPLERS[family]:
+            kind = "a rectified flow" if self.is_flow else "a diffusion model"
+            hint = f" ({name!r} is a sampler for {other} models)" if isinstance(name, str) and name in SAMPLERS[other] \
+                else ""
+            raise ValueError(f"this model is {kind}: sampler name must be one of {tuple(SAMPLERS[family])}, got "
+                             f"{name!r}{hint}")
         if "prediction_type" in settings or "schedule" in settings:
             raise ValueError("make_sampler builds the sampler for this model's schedule and prediction_type; for "
                              "another, build the sampler class yourself")
-        sampler_class, defaults = SAMPLERS[name]
+        sampler_class, defaults = SAMPLERS[family][name]
+        if self.is_flow:
+            return sampler_class(self.schedule, **{**defaults, **settings})
         return sampler_class(self.schedule, prediction_type=self.prediction_type, **{**defaults, **settings})
 
     def guided_model_output(self, latents: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
-                            guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched backbone call.
+                            guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+        """Classifier-free guidance: out_u + s (out_c - out_u), both from one batched backbone call, then
+        rescaled towards the conditional output's standard deviation by φ = guidance_rescale (rescale_guidance).
         latents (B, c, h, w); t one timestep; cond, uncond (B, L, D) -> (B, c, h, w)."""
         if guidance_scale == 1.0:  # the guided output is exactly the conditional one: skip half the work
             return self.backbone(latents, t, cond)
         both = self.backbone(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))  # (2B, c, h, w)
         out_uncond, out_cond = both.chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, guidance_rescale) if guidance_rescale > 0 else guided
 
     def denoise(self, latents: torch.Tensor, prompts: list[str], sampler, num_inference_steps: int,
                 guidance_scale: float, generator: torch.Generator | None = None, on_step=None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, guidance_rescale: float = 0.0) -> torch.Tensor:
         """The sampling loop: noise (B, c, h, w) -> z_0, guided by `prompts`. `on_step(i, t, step_output)`
         runs after every step. It calls sampler.set_timesteps, which also resets the sampler's state."""
         cond = self.conditioner.encode(prompts)  # (B, L, D)
@@ -284,7 +365,7 @@ class LatentDiffusion(nn.Module):
         latents = latents * sampler.init_noise_sigma  # z_T
         for i, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress)):
             model_input = sampler.scale_model_input(latents, t)
-            model_output = self.guided_model_output(model_input, t, cond, uncond, guidance_scale)
+            model_output = self.guided_model_output(model_input, t, cond, uncond, guidance_scale, guidance_rescale)
             out = sampler.step(model_output, t, latents, generator=generator)
             latents = out.prev_sample
             if on_step is not None:
@@ -299,6 +380,7 @@ class LatentDiffusion(nn.Module):
         *,
         sampler: Sampler | None = None,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -313,9 +395,13 @@ class LatentDiffusion(nn.Module):
 
         sampler: any Sampler built for this model's schedule and prediction type (make_sampler("ddpm"),
             make_sampler("ddim", eta=1.0), or DDIMSampler(ldm.schedule, ...) with its own defaults, which are
-            Stable Diffusion's); None is make_sampler(), DDIM with "trailing" spacing. generate() calls its
+            Stable Diffusion's); None is make_sampler(): DDIM with "trailing" spacing, or Euler for a rectified
+            flow (FlowMatchEulerSampler, FlowMatchHeunSampler). generate() calls its
             set_timesteps(num_inference_steps), as a diffusers pipeline does.
         guidance_scale: s >= 0 of classifier-free guidance; 1 is the conditional model alone.
+        guidance_rescale: φ in [0, 1] (diffusers' name): mix the guided output with itself rescaled to the
+            conditional output's standard deviation (Lin et al. 2023, sec. 3.4; rescale_guidance); 0 = off.
+            It counters the over-exposure that large scales cause with zero-terminal-SNR, v-prediction models.
         generator: the CPU torch.Generator all noise is drawn from, so a seed gives the same noise on any
             device (GPU kernels may still differ in the last bits).
         latents: the starting noise (B, c, height/f, width/f) instead of drawing it (diffusers' name); it is
@@ -333,6 +419,8 @@ class LatentDiffusion(nn.Module):
         prompts, sampler, start = self._check_generate_arguments(prompts, num_inference_steps, sampler,
                                                                  guidance_scale, generator, latents, height, width,
                                                                  max_batch_size, callback)
+        if not isinstance(guidance_rescale, numbers.Real) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1] (0 = off), got {guidance_rescale!r}")
         self.warn_ignored_words(prompts, stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         was_training = self.training
         if any(m.training for m in (self, self.backbone, self.conditioner, self.first_stage)):
@@ -343,7 +431,7 @@ class LatentDiffusion(nn.Module):
                 chunk = slice(first, first + max_batch_size)
                 chunks.append(self._generate_chunk(prompts[chunk], start[chunk], sampler, num_inference_steps,
                                                    guidance_scale, generator, return_intermediates, callback,
-                                                   progress))
+                                                   progress, guidance_rescale))
         if was_training:
             self.train()
         if not return_intermediates:
@@ -353,7 +441,7 @@ class LatentDiffusion(nn.Module):
                                 torch.cat([c.pred_original_latents for c in chunks], dim=1))
 
     def _generate_chunk(self, prompts, start, sampler, num_inference_steps, guidance_scale, generator,
-                        return_intermediates, callback, progress):
+                        return_intermediates, callback, progress, guidance_rescale=0.0):
         trajectory, predictions, timesteps = [start], [], []
 
         def on_step(i, t, out):
@@ -365,7 +453,7 @@ class LatentDiffusion(nn.Module):
                 callback(i, t.item() if torch.is_tensor(t) else t, out.prev_sample)
 
         latents = self.denoise(start, prompts, sampler, num_inference_steps, guidance_scale, generator, on_step,
-                               progress)
+                               progress, guidance_rescale)
         images = self.decode_latents(latents)
         if not return_intermediates:
             return images
@@ -419,6 +507,12 @@ class LatentDiffusion(nn.Module):
             raise TypeError(f"diffusers' {type(sampler).__name__} does not fill minildm's sampler slot (it holds no "
                             f"NoiseSchedule): use minildm's samplers, e.g. ldm.make_sampler('ddim')")
         check_slot(sampler, Sampler, "sampler")
+        if isinstance(sampler.schedule, FlowMatchSchedule) != self.is_flow:
+            kinds = ("a rectified flow", "a diffusion model")
+            kinds = kinds if self.is_flow else kinds[::-1]
+            raise ValueError(f"this model is {kinds[0]}, but {type(sampler).__name__} samples {kinds[1]}: use "
+                             f"ldm.make_sampler({'euler' if self.is_flow else 'ddim'!r}) or another of "
+                             f"{tuple(SAMPLERS['flow' if self.is_flow else 'diffusion'])}")
         if sampler.prediction_type != self.prediction_type:
             raise ValueError(f"the sampler was built for prediction_type={sampler.prediction_type!r} but this model "
                              f"predicts {self.prediction_type!r}; build it with prediction_type=ldm.prediction_type "

@@ -3,7 +3,8 @@
 Version 2 (the slots, interfaces.py), which save() writes:
 
     config.json               {"format": "minildm.LatentDiffusion", "version": 2, "image_size", "prediction_type",
-                               "schedule": NoiseSchedule's arguments,
+                               "schedule": NoiseSchedule's arguments (FlowMatchSchedule's for a
+                                   prediction_type of "flow_prediction"),
                                "first_stage" | "backbone" | "conditioner":
                                    {"class": "AutoencoderKL", "config": {...}, "torch_dtype": "float32"}}
     first_stage.safetensors   the weights of each slot, in its dtype (PixelSpace has none: an empty file)
@@ -33,6 +34,8 @@ import torch
 from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
 from .autoencoder import AutoencoderKL
 from .checkpoint import load_module_weights, save_weights, stored_dtype
+from .dit import DiTTransformer2DModel
+from .flow import FlowMatchSchedule
 from .pixel_space import PixelSpace
 from .schedule import NoiseSchedule
 from .text import TextEncoder
@@ -43,7 +46,7 @@ VERSION = 2
 SLOTS = ("first_stage", "backbone", "conditioner")
 SLOT_CLASSES = {  # the classes a saved folder may name, per slot; a new slot filler adds itself here
     "first_stage": {"AutoencoderKL": AutoencoderKL, "PixelSpace": PixelSpace},
-    "backbone": {"UNet2DConditionModel": UNet2DConditionModel},
+    "backbone": {"UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel},
     "conditioner": {"TextEncoder": TextEncoder},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -141,7 +144,8 @@ def load(model_class, directory: str | os.PathLike, device: str | torch.device =
                 raise ValueError(f"unknown {name} class {specs[name]['class']!r} (known: "
                                  f"{', '.join(SLOT_CLASSES[name])})")
             modules[name] = SLOT_CLASSES[name][specs[name]["class"]].from_config_dict(specs[name]["config"])
-        schedule = NoiseSchedule(**config["schedule"])
+        schedule_class = FlowMatchSchedule if config["prediction_type"] == "flow_prediction" else NoiseSchedule
+        schedule = schedule_class(**config["schedule"])
         model = model_class(modules["first_stage"], modules["backbone"], schedule, modules["conditioner"],
                             config["prediction_type"], config["image_size"])
         dtypes = {name: DTYPES[specs[name]["torch_dtype"]] if specs[name].get("torch_dtype") else None

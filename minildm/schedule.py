@@ -35,6 +35,8 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The smallest ᾱ_t an ε-prediction is converted with: ᾱ = 0 (zero terminal SNR) would divide by zero.
+ALPHA_BAR_FLOOR = 2.0**-24
 MAX_TRAIN_TIMESTEPS = 100_000  # models train with 1000 to 4000; far more is a mistake that would fill the memory
 
 
@@ -51,6 +53,21 @@ def check_samples(first: torch.Tensor, first_name: str, second: torch.Tensor, se
     if second.device != first.device:
         raise ValueError(f"{second_name} is on {second.device} but {first_name} is on {first.device}: "
                          f"move one of them")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas (T,) whose ᾱ ends at exactly 0 and starts where it did (Lin et al. 2023, Algorithm 1).
+
+    sqrt(ᾱ_t) is shifted down by its last value, then scaled so that its first value is unchanged:
+        sqrt(ᾱ_t)' = (sqrt(ᾱ_t) - sqrt(ᾱ_{T-1})) · sqrt(ᾱ_0) / (sqrt(ᾱ_0) - sqrt(ᾱ_{T-1}))
+    and the betas are read back from the new ᾱ: β_t = 1 - ᾱ_t / ᾱ_{t-1}, so β_{T-1} = 1.
+    """
+    sqrt_alpha_bar = torch.cumprod(1 - betas, dim=0).sqrt()  # (T,)
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)  # last -> 0, first -> first
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # α_t = ᾱ_t / ᾱ_{t-1}
+    return 1 - alphas
 
 
 def _is_plain_timestep(timesteps, num_train_timesteps: int) -> bool:
@@ -71,6 +88,15 @@ class NoiseSchedule:
         with s = 0.008 and each β_t capped at 0.999 (diffusers calls it "squaredcos_cap_v2").
         It ignores beta_start and beta_end.
 
+    rescale_betas_zero_snr: shift and scale sqrt(ᾱ_t) so that ᾱ at the last step is exactly 0 (the
+      signal-to-noise ratio ends at zero, as the sampler's starting noise assumes) while ᾱ_0 is kept
+      (Lin et al. 2023, arXiv:2305.08891, sec. 3.1 and Algorithm 1; diffusers' name). Without it a
+      model trained on a little signal left at t = T - 1 (sqrt(ᾱ) = 0.068 for "scaled_linear") never
+      learns to make images much darker or brighter than average. Pair it with v-prediction (their
+      sec. 3.2): at SNR 0 the noise ε says nothing about x_0, so an ε-model cannot give x̂_0 there; the
+      conversions then floor ᾱ at ALPHA_BAR_FLOOR = 2⁻²⁴ (diffusers' Euler and DPM-Solver do the same), so
+      x̂_0 stays finite, but it is the noise prediction magnified 4096 times.
+
     The tensors are computed and stored in float64 on the CPU; methods cast what they pick out to
     the dtype and device of the tensor they are given.
 
@@ -87,6 +113,7 @@ class NoiseSchedule:
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        rescale_betas_zero_snr: bool = False,
     ):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
@@ -101,7 +128,12 @@ class NoiseSchedule:
             raise ValueError(
                 f"beta_start must not exceed beta_end (noise grows with t), got {beta_start} > {beta_end}"
             )
+        if not isinstance(rescale_betas_zero_snr, bool):
+            raise TypeError(f"rescale_betas_zero_snr must be True or False, got {rescale_betas_zero_snr!r}")
+        if rescale_betas_zero_snr and num_train_timesteps < 2:
+            raise ValueError("rescale_betas_zero_snr needs num_train_timesteps >= 2: with one step, ᾱ_0 would be 0")
         self.beta_schedule = beta_schedule
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
         self.num_train_timesteps = T = int(num_train_timesteps)
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -117,15 +149,22 @@ class NoiseSchedule:
             # β_t = 1 - ᾱ_t / ᾱ_{t-1}; near t = T the ratio goes to 0, and β_t = 1 would leave no
             # signal at all, so each β is capped at 0.999 as in the paper.
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
 
         self.betas = betas  # (T,) β_t
         self.alphas = 1.0 - betas  # (T,) α_t
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) ᾱ_t
+        # ᾱ_t for dividing by sqrt(ᾱ_t): the same but at ᾱ_t = 0 (zero terminal SNR), which is ALPHA_BAR_FLOOR
+        self._alphas_cumprod_floored = self.alphas_cumprod.clamp(min=ALPHA_BAR_FLOOR)
 
     def config_dict(self) -> dict:
         """The arguments that rebuild this schedule: NoiseSchedule(**schedule.config_dict())."""
-        return {"beta_schedule": self.beta_schedule, "num_train_timesteps": self.num_train_timesteps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end}
+        config = {"beta_schedule": self.beta_schedule, "num_train_timesteps": self.num_train_timesteps,
+                  "beta_start": self.beta_start, "beta_end": self.beta_end}
+        if self.rescale_betas_zero_snr:  # only when set: folders written before it existed read the same
+            config["rescale_betas_zero_snr"] = True
+        return config
 
     def __eq__(self, other) -> bool:
         """Two schedules are equal when they give the same ᾱ_t: a sampler must use its model's."""
@@ -138,8 +177,9 @@ class NoiseSchedule:
         # cosine ignores beta_start and beta_end, so showing them would mislead
         ends = "" if self.beta_schedule == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
         first, last = self.alphas_cumprod[0].item(), self.alphas_cumprod[-1].item()
+        zero_snr = ", rescale_betas_zero_snr=True" if self.rescale_betas_zero_snr else ""
         return (
-            f"NoiseSchedule(beta_schedule={self.beta_schedule!r}, num_train_timesteps={T}{ends}) "
+            f"NoiseSchedule(beta_schedule={self.beta_schedule!r}, num_train_timesteps={T}{ends}{zero_snr}) "
             f"with alphas_cumprod from {first:.5f} at t=0 to {last:.3g} at t={T - 1} "
             f"(SNR {first / (1 - first):.4g} -> {last / (1 - last):.3g})"
         )
@@ -232,9 +272,11 @@ class NoiseSchedule:
         return alpha_bar ** 0.5 * noise - (1 - alpha_bar) ** 0.5 * sample
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor):
-        """x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t): Ho eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0")."""
+        """x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t): Ho eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0").
+
+        Where ᾱ_t = 0 (zero terminal SNR) it uses ᾱ_t = ALPHA_BAR_FLOOR instead of dividing by zero."""
         check_samples(x_t, "x_t", eps, "eps")
-        alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
+        alpha_bar = self._gather(self._alphas_cumprod_floored, t, x_t)
         return (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: int | torch.Tensor):

@@ -41,6 +41,7 @@ from .discriminator import PatchDiscriminator, generator_loss, hinge_discriminat
 from .distributed import pick_device
 from .ema import EMAModel
 from .ldm import LatentDiffusion
+from .loss_weighting import min_snr_weights
 from .training_state import TrainingState, load_training_state, save_training_state
 
 NAN_POLICIES = ("raise", "skip")
@@ -399,6 +400,7 @@ def train_ldm(
     config: TrainingConfig | None = None,
     *,
     caption_dropout: float = 0.1,
+    snr_gamma: float | None = None,
     callback=None,
     **settings,
 ) -> dict[str, list[float]]:
@@ -407,6 +409,7 @@ def train_ldm(
     images (N, C, H, W) in [-1, 1], H and W multiples of the first stage's factor; captions, N strings.
     config: how the loop runs (TrainingConfig() when None). caption_dropout: the probability that a caption
     is replaced by the null condition, so the model also learns the unconditional prediction for guidance.
+    snr_gamma: None for the plain loss, or γ of Min-SNR-γ loss weighting (Hang et al. 2023 use 5; loss_weighting.py).
     At the end the EMA weights are copied into the model (they sample better). `callback(step)` runs every
     config.callback_every steps, e.g. to draw samples; its time counts neither against max_minutes nor in
     the history's "seconds". Warns once about caption words the conditioner cannot use.
@@ -425,6 +428,8 @@ def train_ldm(
                          f"{len(captions)} captions")
     if not isinstance(caption_dropout, numbers.Real) or not 0.0 <= caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}")
+    if snr_gamma is not None:  # checked now, not at the first step
+        min_snr_weights(torch.zeros(1), snr_gamma, ldm.prediction_type)
     device, mine = _start(config)
     if distributed.is_main_process():
         ldm.warn_ignored_words(captions, what="training captions")
@@ -442,7 +447,7 @@ def train_ldm(
         idx, posterior_noise = idx[mine], posterior_noise[mine].to(device)  # ... of which this rank trains its slice
         latents = (means[idx] + stds[idx] * posterior_noise) * scale  # z_0 = scaling_factor · (μ + σ ε)
         loss = ldm.diffusion_loss(latents, [captions[i] for i in idx.tolist()], timesteps[mine], noise[mine],
-                                  dropped[mine])
+                                  dropped[mine], snr_gamma=snr_gamma)
         return loss, {}, {}
 
     with explain_missing_kernels(device, ldm.dtype):

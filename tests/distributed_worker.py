@@ -43,9 +43,9 @@ def main(out: Path, mode: str) -> None:
     seen = []  # the captions this rank trained on, step by step
     loss = ldm.diffusion_loss
 
-    def recording_loss(latents, captions, *args):
+    def recording_loss(latents, captions, *args, **kwargs):
         seen.append(list(captions))
-        return loss(latents, captions, *args)
+        return loss(latents, captions, *args, **kwargs)
 
     ldm.diffusion_loss = recording_loss
     if mode == "straight":
