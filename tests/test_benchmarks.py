@@ -12,6 +12,19 @@ def test_latent_step_quick():
     assert result["speedup"] > 1.5
 
 
+def test_objectives_quick(tmp_path):
+    from benchmarks import objectives
+
+    result = objectives.main(["--quick", "--models", "unet_eps", "unet_flow", "--points", "2", "--results",
+                              str(tmp_path)])
+    assert (tmp_path / "objectives_quick.json").is_file() and (tmp_path / "objectives_quick.png").is_file()
+    for run in result["objectives"].values():
+        assert run["curve"][-1]["weights"] == "ema" and 0 <= run["final"]["all_attributes"] <= 1
+    heun = result["nfe"]["runs"]["unet_flow"]["heun"]
+    assert [row["evaluations"] for row in heun] == [1, 3]  # Heun's n steps cost 2n - 1 evaluations
+    assert set(result["nfe"]["runs"]["unet_eps"]) == {"ddim", "ddpm", "dpm_solver"}
+
+
 def test_demo_target_quick(tmp_path):
     report = demo_target.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "report.json").is_file()
