@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="train a text-to-image LDM on ShapesDataset and write samples")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget in minutes (default: 10)")
+    demo.add_argument("--minutes", type=float, default=None,
+                      help="wall-clock budget in minutes (default: DemoConfig's, printed when it starts)")
+    demo.add_argument("--objective", choices=("epsilon", "v_prediction", "flow"), default=None,
+                      help="what the backbone learns: ε, v on a zero-terminal-SNR schedule, or a rectified flow "
+                           "(default: DemoConfig's)")
     demo.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--smoke", action="store_true",
@@ -29,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--num", type=int, default=8, help="images per prompt (default: 8)")
     sample.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
-                        help="ddim or ddpm, with 'trailing' timesteps (default: ddim)")
+    sample.add_argument("--sampler", choices=("ddim", "ddpm", "dpm_solver", "euler", "heun"), default=None,
+                        help="ddim, ddpm or dpm_solver (DPM-Solver++(2M)) with 'trailing' timesteps for a diffusion "
+                             "model, euler or heun for a rectified flow (default: the model's, ddim or euler)")
     sample.add_argument("--height", type=int, default=None, help="image height (default: the model's image size)")
     sample.add_argument("--width", type=int, default=None, help="image width (default: the model's image size)")
     sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
@@ -74,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 
-        if args.minutes <= 0:
+        if args.minutes is not None and args.minutes <= 0:
             parser.error(f"--minutes must be positive, got {args.minutes}")
-        config = dataclasses.replace(DemoConfig.smoke(), seed=args.seed) if args.smoke else \
-            DemoConfig(minutes=args.minutes, seed=args.seed)
+        changes = {"seed": args.seed, **({"objective": args.objective} if args.objective else {})}
+        if args.smoke:
+            config = dataclasses.replace(DemoConfig.smoke(), **changes)
+        else:
+            config = DemoConfig(**changes, **({"minutes": args.minutes} if args.minutes is not None else {}))
         run_demo(args.out, config, device=args.device)
         return 0
 

@@ -523,9 +523,10 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def cross_attention_maps(self, prompt: str, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                             generator: torch.Generator | None = None):
-        """Where each word of `prompt` looks: (image (C, H, W), maps (L, h, w), tokens). See attention_maps.py."""
-        return cross_attention_maps(self, prompt, num_inference_steps, guidance_scale, generator)
+                             generator: torch.Generator | None = None, sampler: Sampler | None = None):
+        """Where each word of `prompt` looks: (image (C, H, W), maps (L, h, w), tokens), sampled with `sampler`
+        (None: make_sampler()). See attention_maps.py."""
+        return cross_attention_maps(self, prompt, num_inference_steps, guidance_scale, generator, sampler)
 
     # ---- files ----------------------------------------------------------------------------------------------
 

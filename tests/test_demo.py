@@ -38,6 +38,22 @@ def test_sample_command(demo_dir, tmp_path, capsys):
     assert Image.open(out).size[0] > 0
 
 
+@pytest.mark.parametrize("objective", ["flow", "v_prediction"])
+def test_the_demo_trains_each_objective_and_the_sample_command_samples_it(objective, tmp_path):
+    out = tmp_path / objective
+    assert main(["demo", "--smoke", "--objective", objective, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["objective"] == objective
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["prediction_type"] == ("flow_prediction" if objective == "flow" else "v_prediction")
+    sampler = "heun" if objective == "flow" else "dpm_solver"
+    assert main(["sample", "--model", str(out / "model"), "--prompt", "a red circle", "--num", "1", "--steps", "2",
+                 "--sampler", sampler, "--out", str(tmp_path / "s.png")]) == 0
+    wrong = "ddim" if objective == "flow" else "euler"  # a sampler of the other family: a clear error, code 2
+    assert main(["sample", "--model", str(out / "model"), "--prompt", "a red circle", "--num", "1", "--steps", "2",
+                 "--sampler", wrong, "--out", str(tmp_path / "t.png")]) == 2
+
+
 def test_sample_command_errors(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
     assert "no model folder" in capsys.readouterr().err
