@@ -19,7 +19,9 @@ from .atomic import atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
 from .classifier import SmallClassifier
 from .data import LabeledImages
+from .dit import DiTConfig, DiTTransformer2DModel
 from .fid import dataset_classifier
+from .flow import FlowMatchSchedule
 from .ldm import LatentDiffusion
 from .profile import current_profile, pick
 from .schedule import NoiseSchedule
@@ -147,6 +149,27 @@ def mnist_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "art
                            "notebook 06's latent model")
 
 
+def mnist_flow_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
+                        device=None) -> LatentDiffusion:
+    """Notebook 10's latent rectified flow: notebook 06's model (`mnist_model`'s f = 4 autoencoder, text encoder and
+    UNet) with a FlowMatchSchedule, predicting the velocity ε - z_0 ("flow_prediction"). Loaded from
+    artifacts/flow_mnist_{profile}, or trained with notebook 06's settings for 4 minutes at the cpu profile and saved
+    there with its history. `.history` holds its losses."""
+    n = pick(ci=500, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
+    config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
+                            max_minutes=pick(ci=0.2, cpu=4.0), device=device, progress=False)
+
+    def build() -> LatentDiffusion:
+        autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
+        text_encoder = mnist_text_encoder(train.captions)
+        unet = mnist_unet(autoencoder.config.latent_channels, text_encoder.config.hidden_size)
+        return LatentDiffusion(autoencoder, unet, FlowMatchSchedule(), text_encoder, prediction_type="flow_prediction",
+                               image_size=32)
+
+    return _train_or_reuse(Path(artifacts) / f"flow_mnist_{current_profile()}", build, train.images[:n],
+                           train.captions[:n], config, "the latent flow (notebook 06's model, FlowMatchSchedule)")
+
+
 def mnist_classifier() -> SmallClassifier:
     """The cached MNIST classifier behind prompt accuracy and domain FID (fid.dataset_classifier).
 
@@ -155,3 +178,60 @@ def mnist_classifier() -> SmallClassifier:
     if current_profile() == "ci":
         return dataset_classifier("mnist", cache_dir=tempfile.mkdtemp(), steps=20, progress=False)
     return dataset_classifier("mnist", progress=False)
+
+
+# ---- notebook 11: three models trained for one short budget each -------------------------------------------------
+
+
+def mnist_dit(in_channels: int, cross_attention_dim: int) -> DiTTransformer2DModel:
+    """Notebook 11's DiT for the f = 4 autoencoder's 8x8 latents: 2x2 patches (16 tokens), width 128, 4 blocks,
+    the size of DiTConfig.tiny; tiny at the ci profile."""
+    return DiTTransformer2DModel(DiTConfig(
+        in_channels=in_channels, out_channels=in_channels, patch_size=2, hidden_size=pick(ci=32, cpu=128),
+        num_layers=pick(ci=1, cpu=4), num_attention_heads=4, cross_attention_dim=cross_attention_dim))
+
+
+def _short_budget(device) -> TrainingConfig:
+    """Notebook 11's budget, the same for each of its models: notebook 06's settings (batch 64, lr 1e-3) for
+    3 minutes at the cpu profile."""
+    return TrainingConfig(steps=pick(ci=10, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
+                          max_minutes=pick(ci=0.05, cpu=3.0), device=device, progress=False)
+
+
+def mnist_objective_ldm_or_train(train: LabeledImages, prediction_type: str = "epsilon",
+                                 rescale_betas_zero_snr: bool = False, artifacts: str | os.PathLike = "artifacts",
+                                 device=None) -> LatentDiffusion:
+    """Notebook 06's latent model design (`mnist_model`) with another objective: the backbone predicts
+    `prediction_type` on the scaled_linear schedule, rescaled to zero terminal SNR if asked. Loaded from
+    artifacts/ldm_mnist_{prediction_type}_{scaled_linear|zero_snr}_{profile}, or trained for notebook 11's short
+    budget (3 minutes at the cpu profile) and saved there with its history. `.history` holds its losses."""
+    schedule = NoiseSchedule(rescale_betas_zero_snr=rescale_betas_zero_snr)
+    n = pick(ci=2000, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
+
+    def build() -> LatentDiffusion:
+        design = mnist_model(mnist_autoencoder_or_train(train, 4, artifacts, device=device), train.captions)
+        return LatentDiffusion(design.first_stage, design.backbone, schedule, design.conditioner, prediction_type,
+                               image_size=32)
+
+    name = f"ldm_mnist_{prediction_type}_{'zero_snr' if rescale_betas_zero_snr else 'scaled_linear'}"
+    return _train_or_reuse(Path(artifacts) / f"{name}_{current_profile()}", build, train.images[:n],
+                           train.captions[:n], _short_budget(device),
+                           f"the {prediction_type} model on the {schedule.beta_schedule} schedule"
+                           f"{' rescaled to zero terminal SNR' if rescale_betas_zero_snr else ''}")
+
+
+def mnist_dit_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
+                           device=None) -> LatentDiffusion:
+    """Notebook 06's latent ε-model with a DiT backbone (`mnist_dit`) in place of the UNet: the same autoencoder,
+    text encoder and schedule. Loaded from artifacts/ldm_mnist_dit_{profile}, or trained for notebook 11's short
+    budget (3 minutes at the cpu profile) and saved there with its history. `.history` holds its losses."""
+    n = pick(ci=2000, cpu=len(train.images))
+
+    def build() -> LatentDiffusion:
+        autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
+        text_encoder = mnist_text_encoder(train.captions)
+        dit = mnist_dit(autoencoder.config.latent_channels, text_encoder.config.hidden_size)
+        return LatentDiffusion(autoencoder, dit, NoiseSchedule(), text_encoder, image_size=32)
+
+    return _train_or_reuse(Path(artifacts) / f"ldm_mnist_dit_{current_profile()}", build, train.images[:n],
+                           train.captions[:n], _short_budget(device), "the DiT model")

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from . import (
     attention,
     autoencoder,
+    fast_samplers,
+    flow_matching,
     forward_process,
     latent_diffusion,
     pixel_diffusion,
@@ -35,7 +37,7 @@ from .core import Exercise, Mistake, evaluate
 __all__ = ["Exercise", "Mistake", "EXERCISES", "check", "describe", "names", "passed", "solution", "use"]
 
 _NOTEBOOKS = (forward_process, autoencoder, attention, unet, pixel_diffusion, latent_diffusion, samplers,
-              text_to_image)  # in the course's order
+              text_to_image, flow_matching, fast_samplers)  # in the course's order
 EXERCISES: dict[str, Exercise] = {exercise.name: exercise for module in _NOTEBOOKS for exercise in module.EXERCISES}
 
 
