@@ -88,17 +88,21 @@ class FlowMatchSchedule:
         u = torch.randn(batch_size, generator=generator) * self.logit_std + self.logit_mean
         return torch.sigmoid(u)
 
+    def _check_sigmas(self, sigmas: torch.Tensor) -> None:
+        """Raise ValueError unless `sigmas` is a 0-d or 1-d floating-point tensor with values in [0, 1]."""
+        if not torch.is_tensor(sigmas) or not sigmas.is_floating_point() or sigmas.ndim > 1:
+            raise ValueError(f"sigmas must be a number or a 0-d / 1-d floating-point tensor, got {sigmas!r:.60}")
+        if sigmas.numel() and (sigmas.min() < 0 or sigmas.max() > 1):
+            raise ValueError(f"sigmas must lie in [0, 1], got values from {sigmas.min().item():.4g} to "
+                             f"{sigmas.max().item():.4g}; timesteps are σ · {self.num_train_timesteps}")
+
     def _sigmas(self, sigmas, like: torch.Tensor) -> torch.Tensor | float:
         """σ as a python float, or (B,) -> (B, 1, ..., 1) in like's dtype and device; checked to lie in [0, 1]."""
         if isinstance(sigmas, numbers.Real) and not isinstance(sigmas, bool):
             if not 0 <= sigmas <= 1:
                 raise ValueError(f"sigma must lie in [0, 1] (0 = data, 1 = noise), got {sigmas}")
             return float(sigmas)
-        if not torch.is_tensor(sigmas) or not sigmas.is_floating_point() or sigmas.ndim > 1:
-            raise ValueError(f"sigmas must be a number or a 0-d / 1-d floating-point tensor, got {sigmas!r:.60}")
-        if sigmas.numel() and (sigmas.min() < 0 or sigmas.max() > 1):
-            raise ValueError(f"sigmas must lie in [0, 1], got values from {sigmas.min().item():.4g} to "
-                             f"{sigmas.max().item():.4g}; timesteps are σ · {self.num_train_timesteps}")
+        self._check_sigmas(sigmas)
         if sigmas.ndim == 1 and (like.ndim == 0 or sigmas.shape[0] not in (1, like.shape[0])):
             raise ValueError(f"got {sigmas.shape[0]} sigmas for a batch of shape {tuple(like.shape)}")
         return sigmas.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
@@ -125,5 +129,5 @@ class FlowMatchSchedule:
                 or timesteps.dtype == torch.bool):
             raise ValueError(f"timesteps must be a 0-d or 1-d real tensor, got {timesteps!r:.60}")
         sigmas = timesteps.float() / self.num_train_timesteps
-        self._sigmas(sigmas.cpu(), torch.empty(max(1, sigmas.numel())))  # the range check
+        self._check_sigmas(sigmas)
         return sigmas

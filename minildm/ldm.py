@@ -265,14 +265,17 @@ class LatentDiffusion(nn.Module):
         for arguments of the wrong kind or shape.
         """
         self._check_captions(latents, captions)
+        if self.is_flow and snr_gamma is not None:
+            raise ValueError("snr_gamma (Min-SNR-γ) weighs diffusion timesteps by their SNR; a rectified flow has "
+                             "none: its logit-normal σ sampling plays that part (FlowMatchSchedule)")
         device, dtype = self.device, self.dtype
         latents = latents.to(dtype)
         noise = noise.to(device, dtype)  # ε, drawn on the CPU
+        sigmas = self.schedule.to_sigmas(timesteps) if self.is_flow else None  # (B,) σ = t / T, checked on the CPU
         timesteps = timesteps.to(device)
         captions = [self.conditioner.null_condition if drop else caption
                     for caption, drop in zip(captions, dropped.tolist())]
         if self.is_flow:
-            sigmas = self.schedule.to_sigmas(timesteps)  # (B,) σ = t / T
             noisy = self.schedule.add_noise(latents, noise, sigmas)  # z_σ = (1 - σ) z_0 + σ ε
         else:
             noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε

@@ -19,10 +19,25 @@ def test_objectives_quick(tmp_path):
                               str(tmp_path)])
     assert (tmp_path / "objectives_quick.json").is_file() and (tmp_path / "objectives_quick.png").is_file()
     for run in result["objectives"].values():
-        assert run["curve"][-1]["weights"] == "ema" and 0 <= run["final"]["all_attributes"] <= 1
+        assert run["curve"][-1]["weights"] == "ema" and 0 <= run["final"]["quality"] <= 1
     heun = result["nfe"]["runs"]["unet_flow"]["heun"]
     assert [row["evaluations"] for row in heun] == [1, 3]  # Heun's n steps cost 2n - 1 evaluations
     assert set(result["nfe"]["runs"]["unet_eps"]) == {"ddim", "ddpm", "dpm_solver"}
+
+
+def test_objectives_quick_on_mnist(tmp_path):
+    from benchmarks import objectives
+    from minildm.mnist import load_mnist
+
+    try:
+        load_mnist("test", progress=False)
+    except FileNotFoundError:
+        pytest.skip("MNIST files not found: set MINILDM_DATA to a folder holding mnist/ (CI uses ../shared/data)")
+    result = objectives.main(["--quick", "--dataset", "mnist", "--models", "unet_flow", "--points", "1",
+                              "--results", str(tmp_path)])
+    final = result["objectives"]["unet_flow"]["final"]
+    assert 0 <= final["quality"] <= 1 and final["n"] == 40 and "kid_real_vs_real" in final
+    assert (tmp_path / "objectives_mnist_quick.png").is_file()
 
 
 def test_demo_target_quick(tmp_path):

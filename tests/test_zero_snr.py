@@ -137,6 +137,9 @@ def test_min_snr_refuses_bad_settings():
     with pytest.raises(ValueError, match=">= 0"):
         min_snr_weights(torch.tensor([-1.0]), 5.0, "epsilon")
     ldm = make_tiny_ldm("flow_prediction")
+    with pytest.raises(ValueError, match="a rectified flow has none"):
+        ldm.diffusion_loss(torch.randn(2, 4, 4, 4), CAPTIONS[:2], torch.tensor([10.0, 500.0]), torch.randn(2, 4, 4, 4),
+                           torch.zeros(2, dtype=torch.bool), snr_gamma=5.0)
     with pytest.raises(ValueError, match="Min-SNR"):
         train_ldm(ldm, torch.rand(2, 3, 16, 16) * 2 - 1, CAPTIONS[:2], TrainingConfig(steps=1, batch_size=2,
                                                                                         progress=False), snr_gamma=5.0)
