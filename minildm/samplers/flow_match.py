@@ -136,7 +136,7 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
         self._check(model_output, sample, generator)
         i = self._step_index
         sigma, sigma_next = self._sigma_pair(timestep)
-        if self._first is None or i % 2 == 0:  # visits 0, 2, 4, ...: an Euler guess from x_σ to σ'
+        if i % 2 == 0:  # visits 0, 2, 4, ...: an Euler guess from x_σ to σ' (the loop's order is checked above)
             dt = sigma_next - sigma
             self._first = (model_output, sample, dt)
             return SamplerOutput(sample + dt * model_output, sample - sigma * model_output)
