@@ -19,6 +19,25 @@ from contextlib import contextmanager
 import torch
 
 
+def check_text_states(encoder_hidden_states, batch_size: int, cross_attention_dim: int | None, weight: torch.Tensor,
+                      model: str) -> None:
+    """A backbone's text input: None for an unconditional one (cross_attention_dim None), else a (B, L, D) tensor
+    with B = batch_size, L >= 1 and D = cross_attention_dim, in the weights' dtype and on their device. Raises
+    TypeError / ValueError naming what was expected; `model` names the backbone ("UNet", "DiT")."""
+    if cross_attention_dim is None:
+        if encoder_hidden_states is not None:
+            raise ValueError(f"this {model} is unconditional (cross_attention_dim=None) but got encoder_hidden_states")
+        return
+    if encoder_hidden_states is None:
+        raise ValueError(f"this {model} is text-conditioned: pass encoder_hidden_states of shape "
+                         f"(B, L, {cross_attention_dim}) (the empty prompt's for unconditional)")
+    check_like_weights(encoder_hidden_states, "encoder_hidden_states", weight)
+    shape = encoder_hidden_states.shape
+    if len(shape) != 3 or shape[-1] != cross_attention_dim or shape[0] != batch_size or shape[1] == 0:
+        raise ValueError(f"encoder_hidden_states must have shape ({batch_size}, L, {cross_attention_dim}), "
+                         f"got {tuple(shape)}")
+
+
 def check_like_weights(value, name: str, weight: torch.Tensor, what: str = "") -> None:
     """Raise TypeError unless `value` is a tensor of `weight`'s dtype (or, inside autocast, the autocast
     dtype), and ValueError unless it is on `weight`'s device. `what` names what `value` should hold."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .checks import check_like_weights
+from .checks import check_like_weights, check_text_states
 from .unet import TimestepEmbedding, timestep_embedding, timestep_per_sample
 
 FREQUENCY_EMBEDDING_SIZE = 256  # width of the sinusoidal timestep embedding before the MLP, as in DiT's code
@@ -203,18 +203,7 @@ class DiTTransformer2DModel(nn.Module):
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"h={h} and w={w} must be multiples of patch_size={c.patch_size}: use image sizes that "
                              f"give latents (image size / the first stage's factor f) a multiple of {c.patch_size}")
-        if c.cross_attention_dim is None:
-            if encoder_hidden_states is not None:
-                raise ValueError("this DiT is unconditional (cross_attention_dim=None) but got encoder_hidden_states")
-            return
-        if encoder_hidden_states is None:
-            raise ValueError("this DiT is text-conditioned: pass encoder_hidden_states of shape "
-                             f"(B, L, {c.cross_attention_dim}) (the empty prompt's for unconditional)")
-        check_like_weights(encoder_hidden_states, "encoder_hidden_states", self.patch_embed.weight)
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim \
-                or encoder_hidden_states.shape[0] != sample.shape[0] or encoder_hidden_states.shape[1] == 0:
-            raise ValueError(f"encoder_hidden_states must have shape ({sample.shape[0]}, L, "
-                             f"{c.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
+        check_text_states(encoder_hidden_states, sample.shape[0], c.cross_attention_dim, self.patch_embed.weight, "DiT")
 
     @property
     def in_channels(self) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Transformer2DModel
-from .checks import check_like_weights
+from .checks import check_like_weights, check_text_states
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -270,24 +270,11 @@ class UNet2DConditionModel(nn.Module):
 
     def _check_inputs(self, sample, encoder_hidden_states):
         c = self.config
-        weight = self.conv_in.weight
-        for name, value in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
-            if value is None and name == "encoder_hidden_states":  # fine for an unconditional UNet, checked below
-                continue
-            check_like_weights(value, name, weight)
+        check_like_weights(sample, "sample", self.conv_in.weight)
         if sample.ndim != 4 or sample.shape[1] != c.in_channels or 0 in sample.shape:
             raise ValueError(f"sample must have shape (B, {c.in_channels}, H, W) with B, H, W >= 1, "
                              f"got {tuple(sample.shape)}")
-        if c.cross_attention_dim is None and encoder_hidden_states is not None:
-            raise ValueError("this UNet is unconditional (cross_attention_dim=None) but got encoder_hidden_states")
-        if c.cross_attention_dim is not None:
-            if encoder_hidden_states is None:
-                raise ValueError("this UNet is text-conditioned: pass encoder_hidden_states of shape "
-                                 f"(B, L, {c.cross_attention_dim}) (the empty prompt's for unconditional)")
-            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim \
-                    or encoder_hidden_states.shape[0] != sample.shape[0] or encoder_hidden_states.shape[1] == 0:
-                raise ValueError(f"encoder_hidden_states must have shape ({sample.shape[0]}, L, "
-                                 f"{c.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
+        check_text_states(encoder_hidden_states, sample.shape[0], c.cross_attention_dim, self.conv_in.weight, "UNet")
 
     @property
     def in_channels(self) -> int:
