@@ -110,7 +110,7 @@ def mnist_pixel_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike 
     """Notebook 05's working pixel model (`mnist_pixel_model`), from artifacts/pixel_ddpm_mnist_{profile}, or
     trained for 15 minutes at the cpu profile (batch 64, lr 2e-3) and saved there. `.history` holds its losses."""
     config = TrainingConfig(steps=pick(ci=60, cpu=100000), batch_size=pick(ci=8, cpu=64), lr=2e-3,
-                            max_minutes=pick(ci=0.3, cpu=15.0), device=device, progress=False)
+                            max_minutes=pick(ci=2.0, cpu=15.0), device=device, progress=False)
     return _train_or_reuse(Path(artifacts) / f"pixel_ddpm_mnist_{current_profile()}",
                            lambda: mnist_pixel_model(train.captions), train.images, train.captions, config,
                            "the pixel model")
@@ -122,7 +122,7 @@ def mnist_pixel_equal_time_or_train(train: LabeledImages, artifacts: str | os.Pa
     64, lr 1e-3, 5 minutes at the cpu profile): the equal-time comparison of notebooks 05, 06 and 09. Saved at
     artifacts/pixel_mnist_{profile}; `.history` holds its losses."""
     config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
-                            max_minutes=pick(ci=0.3, cpu=5.0), device=device, progress=False)
+                            max_minutes=pick(ci=2.0, cpu=5.0), device=device, progress=False)
     return _train_or_reuse(Path(artifacts) / f"pixel_mnist_{current_profile()}",
                            lambda: mnist_model(None, train.captions), train.images, train.captions, config,
                            "notebook 06's UNet on pixels, for the equal-time comparison")
@@ -142,7 +142,7 @@ def mnist_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "art
     with its history (notebook 02's f = 4 autoencoder is loaded, or trained, first). `.history` holds its losses."""
     n = pick(ci=2000, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
     config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
-                            max_minutes=pick(ci=0.3, cpu=5.0), device=device, progress=False)
+                            max_minutes=pick(ci=2.0, cpu=5.0), device=device, progress=False)
     return _train_or_reuse(Path(artifacts) / f"ldm_mnist_{current_profile()}",
                            lambda: mnist_model(mnist_autoencoder_or_train(train, 4, artifacts, device=device),
                                                train.captions), train.images[:n], train.captions[:n], config,
@@ -157,7 +157,7 @@ def mnist_flow_or_train(train: LabeledImages, artifacts: str | os.PathLike = "ar
     there with its history. `.history` holds its losses."""
     n = pick(ci=500, cpu=len(train.images))  # at the ci profile a subset: encoding 60,000 digits takes a while
     config = TrainingConfig(steps=pick(ci=60, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
-                            max_minutes=pick(ci=0.2, cpu=4.0), device=device, progress=False)
+                            max_minutes=pick(ci=2.0, cpu=4.0), device=device, progress=False)
 
     def build() -> LatentDiffusion:
         autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
