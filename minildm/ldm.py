@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import model_folder
+from . import editing, model_folder
 from .attention_maps import cross_attention_maps
 from .checks import check_device, check_generator, check_images, explain_missing_kernels
 from .flow import FlowMatchSchedule
@@ -530,6 +530,36 @@ class LatentDiffusion(nn.Module):
         """Where each word of `prompt` looks: (image (C, H, W), maps (L, h, w), tokens), sampled with `sampler`
         (None: make_sampler()). See attention_maps.py."""
         return cross_attention_maps(self, prompt, num_inference_steps, guidance_scale, generator, sampler)
+
+    # ---- editing (editing.py: img2img, inversion, inpainting; any trained model, no retraining) ---------------
+
+    def img2img(self, images: torch.Tensor, prompts: list[str] | str, strength: float = 0.8,
+                num_inference_steps: int = 50, *, sampler: Sampler | None = None, guidance_scale: float = 3.0,
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """SDEdit (Meng et al. 2021): images (B, C, H, W) in [0, 1] noised to `strength` of the schedule, then
+        denoised after `prompts`; -> (B, C, H, W) float32 in [0, 1]. strength 0 returns D(E(x)). editing.img2img."""
+        return editing.img2img(self, images, prompts, strength, num_inference_steps, sampler=sampler,
+                               guidance_scale=guidance_scale, generator=generator, noise=noise)
+
+    def invert(self, images: torch.Tensor, prompts: list[str] | str, num_inference_steps: int = 50, *,
+               sampler: Sampler | None = None, guidance_scale: float = 1.0, strength: float = 1.0,
+               fixed_point_iterations: int = 0) -> torch.Tensor:
+        """DDIM inversion (a flow: Euler backwards): images (B, C, H, W) in [0, 1] -> starting latents z_T
+        (B, c, h, w) that generate(prompts, latents=z_T, same sampler and steps) maps back to the images.
+        DDIM with eta=0 or flow Euler only (ValueError otherwise). editing.invert."""
+        return editing.invert(self, images, prompts, num_inference_steps, sampler=sampler,
+                              guidance_scale=guidance_scale, strength=strength,
+                              fixed_point_iterations=fixed_point_iterations)
+
+    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str] | str,
+                num_inference_steps: int = 50, *, sampler: Sampler | None = None, strength: float = 1.0,
+                guidance_scale: float = 3.0, generator: torch.Generator | None = None, paste_original: bool = False,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Blended latent inpainting (Avrahami et al. 2023), no retraining: repaint where masks (B, 1, H, W) is 1
+        after `prompts`, keep the rest of images (B, C, H, W) in [0, 1]; -> (B, C, H, W). editing.inpaint."""
+        return editing.inpaint(self, images, masks, prompts, num_inference_steps, sampler=sampler,
+                               strength=strength, guidance_scale=guidance_scale, generator=generator,
+                               paste_original=paste_original, noise=noise)
 
     # ---- files ----------------------------------------------------------------------------------------------
 
