@@ -7,7 +7,9 @@ on a laptop CPU. Each piece lives in its own module; the names most people need 
 from . import interfaces, viz
 from .attention import Attention, BasicTransformerBlock, Transformer2DModel
 from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from .class_embedder import ClassEmbedder, ClassEmbedderConfig
 from .classifier import ClassifierConfig, SmallClassifier
+from .concat_conditioning import InpaintingCondition, LowResCondition
 from .data import LabeledImages
 from .demo import DemoConfig, run_demo
 from .discriminator import PatchDiscriminator
@@ -61,4 +63,5 @@ __all__ = [
     "KIDResult", "kernel_inception_distance", "kid", "proportion_ci",
     "FlowMatchSchedule", "time_shift", "min_snr_weights", "DPMSolverMultistepSampler", "FlowMatchEulerSampler",
     "FlowMatchHeunSampler",
+    "ClassEmbedder", "ClassEmbedderConfig", "InpaintingCondition", "LowResCondition",
 ]

@@ -108,6 +108,10 @@ class LatentDiffusion(nn.Module):
     prediction_type: what the backbone predicts: "epsilon", "v_prediction" or "sample" (x_0) on a
         NoiseSchedule; "flow_prediction" (the velocity ε - z_0, the only choice) on a FlowMatchSchedule.
     image_size: the default height and width of generated images, a multiple of the first stage's factor f.
+    concat_conditioning: None, or a spatially aligned condition concatenated with z_t as extra backbone input
+        channels (concat_conditioning.py: InpaintingCondition, LowResCondition; LDM sections 3.3, 4.4-4.5). The
+        backbone then takes c + concat_conditioning.extra_channels(first_stage) channels and returns c;
+        generate() takes its input as image= (and mask_image=), and training draws it from the training images.
 
     Raises TypeError for an argument that does not fill its slot, ValueError for slots that do not fit
     together (channels, widths), an unknown prediction_type or an image_size that f does not divide.
@@ -121,6 +125,7 @@ class LatentDiffusion(nn.Module):
         conditioner: Conditioner,
         prediction_type: str = "epsilon",
         image_size: int = 32,
+        concat_conditioning=None,
     ):
         super().__init__()
         first_stage = first_stage if first_stage is not None else PixelSpace(getattr(backbone, "in_channels", 3))
@@ -131,9 +136,18 @@ class LatentDiffusion(nn.Module):
             raise TypeError(f"schedule must be a NoiseSchedule (diffusion) or a FlowMatchSchedule (rectified flow), "
                             f"got {type(schedule).__name__}")
         c = first_stage.latent_channels
-        if backbone.in_channels != c or backbone.out_channels != c:
-            raise ValueError(f"the backbone must take and return the first stage's {c} latent channels, got "
-                             f"in_channels={backbone.in_channels}, out_channels={backbone.out_channels}")
+        if concat_conditioning is not None and not all(callable(getattr(concat_conditioning, name, None)) for name in
+                                                       ("extra_channels", "model_input", "draw_training_input",
+                                                        "config_dict", "output_size", "check_inputs")):
+            raise TypeError(f"concat_conditioning must be a concatenation condition (concat_conditioning.py: "
+                            f"InpaintingCondition, LowResCondition) or None, got {type(concat_conditioning).__name__}")
+        extra = concat_conditioning.extra_channels(first_stage) if concat_conditioning is not None else 0
+        if backbone.in_channels != c + extra or backbone.out_channels != c:
+            takes = f"take and return the first stage's {c} latent channels" if not extra else \
+                (f"take the first stage's {c} latent channels + {extra} of its {type(concat_conditioning).__name__} "
+                 f"= {c + extra} channels and return {c}")
+            raise ValueError(f"the backbone must {takes}, got in_channels={backbone.in_channels}, "
+                             f"out_channels={backbone.out_channels}")
         if backbone.cross_attention_dim != conditioner.hidden_size:
             raise ValueError(f"the backbone's cross_attention_dim={backbone.cross_attention_dim} must equal the "
                              f"conditioner's hidden_size={conditioner.hidden_size}")
@@ -156,6 +170,7 @@ class LatentDiffusion(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.image_size = image_size
+        self.concat_conditioning = concat_conditioning
 
     RENAMED = {"unet": "backbone", "autoencoder": "first_stage", "text_encoder": "conditioner"}  # minildm 0.1 -> 0.2
 
@@ -226,15 +241,47 @@ class LatentDiffusion(nn.Module):
     def training_loss(self, images: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. (3) from images (B, C, H, W) in [-1, 1]: encode with the frozen first stage, then as below."""
-        return self.latent_training_loss(self.encode_images(images, generator), captions, caption_dropout, generator)
+        return self.latent_training_loss(self.encode_images(images, generator), captions, caption_dropout, generator,
+                                         images=images if self.concat_conditioning is not None else None)
 
     def latent_training_loss(self, latents: torch.Tensor, captions: list[str], caption_dropout: float = 0.1,
-                             generator: torch.Generator | None = None, snr_gamma: float | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None, snr_gamma: float | None = None, *,
+                             images: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. (3) on scaled latents z_0 (B, c, h, w), a scalar float32 loss. Draws t, ε and the caption
-        dropout from `generator` (draw_training_noise), then computes diffusion_loss."""
+        dropout from `generator` (draw_training_noise), then computes diffusion_loss. A model with
+        concat_conditioning also needs the `images` (B, C, H, W) in [-1, 1] the latents come from: its training
+        condition (a random mask, the low-resolution image) is drawn from them, after t, ε and the dropout."""
         self._check_captions(latents, captions)  # before the draws, which need the batch's shape
+        self._check_training_images(images, latents)
         timesteps, noise, dropped = self.draw_training_noise(latents.shape, caption_dropout, generator)
-        return self.diffusion_loss(latents, captions, timesteps, noise, dropped, snr_gamma=snr_gamma)
+        concat_input = self.training_concat_input(images, generator) if images is not None else None
+        return self.diffusion_loss(latents, captions, timesteps, noise, dropped, snr_gamma=snr_gamma,
+                                   concat_input=concat_input)
+
+    def _check_training_images(self, images, latents) -> None:
+        if self.concat_conditioning is None:
+            if images is not None:
+                raise ValueError("images= is for a model with concat_conditioning (its training condition is drawn "
+                                 "from them); this model has none")
+            return
+        if images is None:
+            raise ValueError(f"this model's {type(self.concat_conditioning).__name__} draws its training condition "
+                             f"from the images: pass images= (B, C, H, W) in [-1, 1], those the latents come from")
+        check_images(images, "images", self.first_stage.in_channels, self.first_stage.downsampling_factor)
+        f = self.first_stage.downsampling_factor
+        if len(images) != len(latents) or tuple(images.shape[2:]) != (latents.shape[2] * f, latents.shape[3] * f):
+            raise ValueError(f"images {tuple(images.shape)} must be the {len(latents)} images of the latents "
+                             f"{tuple(latents.shape)} (f={f})")
+
+    def training_concat_input(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The concatenated condition of one training batch, images (B, C, H, W) in [-1, 1] -> (B, extra, h, w) in
+        the model's dtype on its device: concat_conditioning draws it from the images (its randomness, such as
+        the masks, from `generator` on the CPU), then builds it with the frozen first stage."""
+        images = images.to(self.device, self.first_stage_dtype)
+        inputs = self.concat_conditioning.draw_training_input(images, generator)
+        f = self.first_stage.downsampling_factor
+        latent_size = (images.shape[2] // f, images.shape[3] // f)
+        return self.concat_conditioning.model_input(self.first_stage, latent_size, **inputs).to(self.dtype)
 
     def draw_training_noise(self, shape: tuple[int, ...], caption_dropout: float = 0.1,
                             generator: torch.Generator | None = None):
@@ -254,17 +301,21 @@ class LatentDiffusion(nn.Module):
         return timesteps, noise, dropped
 
     def diffusion_loss(self, latents: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
-                       noise: torch.Tensor, dropped: torch.Tensor, *, snr_gamma: float | None = None) -> torch.Tensor:
+                       noise: torch.Tensor, dropped: torch.Tensor, *, snr_gamma: float | None = None,
+                       concat_input: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. (3) with every random draw given: || target - model(z_t, t, τ(y)) ||², averaged, as float32.
 
         latents z_0 (B, c, h, w); captions, B strings; timesteps (B,) integers in [0, T) (for a flow, floats
         σ · T in [0, T]); noise ε like latents;
         dropped (B,) bool: these captions are replaced by the null condition. snr_gamma: None for the plain
         mean, or γ of Min-SNR-γ weighting (loss_weighting.py; Hang et al. 2023 use 5): each sample's MSE is
-        weighted by min(SNR(t), γ) over SNR(t) (ε), SNR(t) + 1 (v) or 1 (x_0). Raises TypeError / ValueError
-        for arguments of the wrong kind or shape.
+        weighted by min(SNR(t), γ) over SNR(t) (ε), SNR(t) + 1 (v) or 1 (x_0). concat_input: for a model with
+        concat_conditioning, its condition (B, extra, h, w) (training_concat_input), put beside z_t; the
+        caption dropout drops the caption only, never this (as Stable Diffusion's inpainting model trains).
+        Raises TypeError / ValueError for arguments of the wrong kind or shape.
         """
         self._check_captions(latents, captions)
+        self._check_concat_input(concat_input, latents.shape)
         if self.is_flow and snr_gamma is not None:
             raise ValueError("snr_gamma (Min-SNR-γ) weighs diffusion timesteps by their SNR; a rectified flow has "
                              "none: its logit-normal σ sampling plays that part (FlowMatchSchedule)")
@@ -279,6 +330,8 @@ class LatentDiffusion(nn.Module):
             noisy = self.schedule.add_noise(latents, noise, sigmas)  # z_σ = (1 - σ) z_0 + σ ε
         else:
             noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
+        if concat_input is not None:
+            noisy = torch.cat([noisy, concat_input.to(device, dtype)], dim=1)  # (B, c + extra, h, w): [z_t, y]
         model_output = self.backbone(noisy, timesteps, self.conditioner.encode(captions))
         if self.is_flow:
             target = self.schedule.get_velocity(latents, noise)  # u = ε - z_0
@@ -293,6 +346,20 @@ class LatentDiffusion(nn.Module):
         weights = min_snr_weights(self.schedule.snr(timesteps), snr_gamma, self.prediction_type).to(device)  # (B,)
         per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
         return (weights * per_sample).mean()
+
+    def _check_concat_input(self, concat_input, shape) -> None:
+        if self.concat_conditioning is None:
+            if concat_input is not None:
+                raise ValueError("concat_input is for a model with concat_conditioning; this model has none")
+            return
+        extra = self.concat_conditioning.extra_channels(self.first_stage)
+        expected = (shape[0], extra, *shape[2:])
+        if concat_input is None:
+            raise ValueError(f"this model's backbone takes its {type(self.concat_conditioning).__name__} beside z_t: "
+                             f"pass concat_input {expected} (ldm.training_concat_input(images, generator))")
+        if not torch.is_tensor(concat_input) or tuple(concat_input.shape) != expected:
+            got = tuple(concat_input.shape) if torch.is_tensor(concat_input) else type(concat_input).__name__
+            raise ValueError(f"concat_input must have shape {expected}, got {got}")
 
     def _check_captions(self, latents, captions) -> None:
         check_images(latents, "latents", self.first_stage.latent_channels, what="latents")
@@ -357,9 +424,12 @@ class LatentDiffusion(nn.Module):
 
     def denoise(self, latents: torch.Tensor, prompts: list[str], sampler, num_inference_steps: int,
                 guidance_scale: float, generator: torch.Generator | None = None, on_step=None,
-                progress: bool = False, guidance_rescale: float = 0.0) -> torch.Tensor:
+                progress: bool = False, guidance_rescale: float = 0.0, *,
+                concat_input: torch.Tensor | None = None) -> torch.Tensor:
         """The sampling loop: noise (B, c, h, w) -> z_0, guided by `prompts`. `on_step(i, t, step_output)`
-        runs after every step. It calls sampler.set_timesteps, which also resets the sampler's state."""
+        runs after every step. It calls sampler.set_timesteps, which also resets the sampler's state.
+        concat_input (B, extra, h, w): a concat_conditioning model's condition (concat_model_input), put beside
+        z_t at every step, in both halves of classifier-free guidance: only the prompt is dropped there."""
         cond = self.conditioner.encode(prompts)  # (B, L, D)
         uncond = None  # guidance 1 is the conditional model alone: no unconditional prediction needed
         if guidance_scale != 1:
@@ -368,6 +438,8 @@ class LatentDiffusion(nn.Module):
         latents = latents * sampler.init_noise_sigma  # z_T
         for i, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress)):
             model_input = sampler.scale_model_input(latents, t)
+            if concat_input is not None:
+                model_input = torch.cat([model_input, concat_input], dim=1)  # (B, c + extra, h, w): [z_t, y]
             model_output = self.guided_model_output(model_input, t, cond, uncond, guidance_scale, guidance_rescale)
             out = sampler.step(model_output, t, latents, generator=generator)
             latents = out.prev_sample
@@ -378,7 +450,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompts: list[str] | str,
+        prompts: list[str] | str | None = None,
         num_inference_steps: int = 50,
         *,
         sampler: Sampler | None = None,
@@ -392,6 +464,9 @@ class LatentDiffusion(nn.Module):
         max_batch_size: int = 256,
         callback=None,
         progress: bool = False,
+        image: torch.Tensor | None = None,
+        mask_image: torch.Tensor | None = None,
+        class_labels: list[int] | torch.Tensor | None = None,
     ) -> torch.Tensor | GenerationOutput:
         """Images (B, C, height, width), float32 in [0, 1], one per prompt; with return_intermediates a
         GenerationOutput that also holds every step's latents and predicted z_0.
@@ -414,16 +489,36 @@ class LatentDiffusion(nn.Module):
         max_batch_size: larger requests run in chunks of this size, one after the other. A stochastic sampler
             (DDPM, DDIM with η > 0) draws its noise chunk by chunk, so the chunk size changes its images.
         callback(step_index, timestep, latents) runs after every step of every chunk, with that chunk's latents.
+        image, mask_image: the spatial condition of a model with concat_conditioning (diffusers' names), (B, C,
+            H, W) in [0, 1] and (B, 1, H, W) of 0s and 1s (1 = repaint) for an InpaintingCondition, the
+            low-resolution image alone for a LowResCondition; a batch of 1 serves every prompt. The output's
+            size follows from it unless height and width say otherwise.
+        class_labels: for a class-conditional model (a ClassEmbedder conditioner), integer labels in place of
+            prompts (diffusers' name); give exactly one of prompts and class_labels.
 
         Warns (UserWarning, once per call) about words of the prompts the conditioner cannot use. Raises
         TypeError / ValueError for arguments of the wrong kind, naming the argument, and NotImplementedError
         when torch lacks an operation in the model's dtype on its device (checks.explain_missing_kernels).
         """
+        prompts = self._conditions_of(prompts, class_labels)
+        if self.concat_conditioning is None:
+            if image is not None or mask_image is not None:
+                raise ValueError("image= and mask_image= condition a model trained with concat_conditioning "
+                                 "(an inpainting or super-resolution model); this model has none "
+                                 "(ldm.concat_conditioning is None)")
+        else:
+            self.concat_conditioning.check_inputs(image, mask_image, self.first_stage.in_channels)
+            if latents is None:  # the size the condition implies, unless told otherwise
+                implied = self.concat_conditioning.output_size(image)
+                height, width = (height if height is not None else implied[0]), \
+                    (width if width is not None else implied[1])
         prompts, sampler, start = self._check_generate_arguments(prompts, num_inference_steps, sampler,
                                                                  guidance_scale, generator, latents, height, width,
                                                                  max_batch_size, callback)
         if not isinstance(guidance_rescale, numbers.Real) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1] (0 = off), got {guidance_rescale!r}")
+        concat_input = self.concat_model_input(image, mask_image, len(prompts), tuple(start.shape[2:])) \
+            if self.concat_conditioning is not None else None
         self.warn_ignored_words(prompts, stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         was_training = self.training
         if any(m.training for m in (self, self.backbone, self.conditioner, self.first_stage)):
@@ -434,7 +529,8 @@ class LatentDiffusion(nn.Module):
                 chunk = slice(first, first + max_batch_size)
                 chunks.append(self._generate_chunk(prompts[chunk], start[chunk], sampler, num_inference_steps,
                                                    guidance_scale, generator, return_intermediates, callback,
-                                                   progress, guidance_rescale))
+                                                   progress, guidance_rescale,
+                                                   concat_input[chunk] if concat_input is not None else None))
         if was_training:
             self.train()
         if not return_intermediates:
@@ -444,7 +540,7 @@ class LatentDiffusion(nn.Module):
                                 torch.cat([c.pred_original_latents for c in chunks], dim=1))
 
     def _generate_chunk(self, prompts, start, sampler, num_inference_steps, guidance_scale, generator,
-                        return_intermediates, callback, progress, guidance_rescale=0.0):
+                        return_intermediates, callback, progress, guidance_rescale=0.0, concat_input=None):
         trajectory, predictions, timesteps = [start], [], []
 
         def on_step(i, t, out):
@@ -456,11 +552,37 @@ class LatentDiffusion(nn.Module):
                 callback(i, t.item() if torch.is_tensor(t) else t, out.prev_sample)
 
         latents = self.denoise(start, prompts, sampler, num_inference_steps, guidance_scale, generator, on_step,
-                               progress, guidance_rescale)
+                               progress, guidance_rescale, concat_input=concat_input)
         images = self.decode_latents(latents)
         if not return_intermediates:
             return images
         return GenerationOutput(images, timesteps, torch.stack(trajectory), torch.stack(predictions))
+
+    def _conditions_of(self, prompts, class_labels) -> list[str] | str:
+        """The conditions generate() passes on: the prompts, or the class names of `class_labels` (exactly one)."""
+        if (prompts is None) == (class_labels is None):
+            raise ValueError("give exactly one of prompts and class_labels (class_labels for a class-conditional "
+                             f"model), got {'both' if prompts is not None else 'neither'}")
+        if class_labels is None:
+            return prompts
+        if not callable(getattr(self.conditioner, "condition_names", None)):
+            raise TypeError(f"class_labels need a class-conditional model (a ClassEmbedder conditioner); this one's "
+                            f"conditioner is a {type(self.conditioner).__name__}: pass prompts")
+        return self.conditioner.condition_names(class_labels)
+
+    def concat_model_input(self, image: torch.Tensor | None, mask_image: torch.Tensor | None, batch_size: int,
+                           latent_size: tuple[int, int]) -> torch.Tensor:
+        """The concat_conditioning's input for sampling, (batch_size, extra, h, w) in the model's dtype on its
+        device, from generate()'s image= / mask_image= (a batch of 1 is repeated). Raises ValueError for inputs
+        that do not fit (missing, of another size or batch)."""
+        self.concat_conditioning.check_inputs(image, mask_image, self.first_stage.in_channels)
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if value is not None and len(value) not in (1, batch_size):
+                raise ValueError(f"{name} must hold 1 or {batch_size} images (one per prompt), got {len(value)}")
+        move = {"device": self.device, "dtype": self.first_stage_dtype}
+        image = image.to(**move).expand(batch_size, -1, -1, -1)
+        mask_image = mask_image.to(**move).expand(batch_size, -1, -1, -1) if mask_image is not None else None
+        return self.concat_conditioning.model_input(self.first_stage, latent_size, image, mask_image).to(self.dtype)
 
     def _check_generate_arguments(self, prompts, num_inference_steps, sampler, guidance_scale, generator, latents,
                                   height, width, max_batch_size, callback):
@@ -582,3 +704,17 @@ class LatentDiffusion(nn.Module):
         FileNotFoundError for a missing folder or file, ValueError for a config or weights that do not describe a
         valid model."""
         return model_folder.load(cls, directory, device, torch_dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
+                        device: str | torch.device = "cpu", variant: str | None = None,
+                        clip_skip: int | None = None) -> LatentDiffusion:
+        """Stable Diffusion 1.x / 2.x from a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
+        tokenizer/, scheduler/) in minildm's own modules (pretrained.load_pipeline; what is read, mapped and
+        refused is listed there), on `device` in eval mode; `torch_dtype` as in load() (float16 / bfloat16 on a
+        GPU). The folder's scheduler, as a minildm sampler: minildm.pretrained.load_sampler(path, model.schedule).
+        variant="fp16" reads the *.fp16.safetensors files. A single .safetensors checkpoint: minildm.single_file.
+        Raises FileNotFoundError for a missing part, ValueError for settings or weights minildm cannot use."""
+        from . import pretrained  # imports clip.py, and so transformers' tokenizer, only when a folder is read
+
+        return pretrained.load_pipeline(cls, path, torch_dtype, variant, clip_skip).to(device)

@@ -3,6 +3,7 @@
 Version 2 (the slots, interfaces.py), which save() writes:
 
     config.json               {"format": "minildm.LatentDiffusion", "version": 2, "image_size", "prediction_type",
+                               "concat_conditioning": {"class", "config"} (only for a model that has one),
                                "schedule": NoiseSchedule's arguments (FlowMatchSchedule's for a
                                    prediction_type of "flow_prediction"),
                                "first_stage" | "backbone" | "conditioner":
@@ -34,6 +35,8 @@ import torch
 from .atomic import atomic_directory, atomic_write_json, read_json, readable_directory
 from .autoencoder import AutoencoderKL
 from .checkpoint import load_module_weights, save_weights, stored_dtype
+from .class_embedder import ClassEmbedder
+from .concat_conditioning import CONCAT_CONDITIONS
 from .dit import DiTTransformer2DModel
 from .flow import FlowMatchSchedule
 from .pixel_space import PixelSpace
@@ -47,7 +50,7 @@ SLOTS = ("first_stage", "backbone", "conditioner")
 SLOT_CLASSES = {  # the classes a saved folder may name, per slot; a new slot filler adds itself here
     "first_stage": {"AutoencoderKL": AutoencoderKL, "PixelSpace": PixelSpace},
     "backbone": {"UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel},
-    "conditioner": {"TextEncoder": TextEncoder},
+    "conditioner": {"TextEncoder": TextEncoder, "ClassEmbedder": ClassEmbedder},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -81,9 +84,16 @@ def config_of(model) -> dict:
                              f"adds it")
         return {"class": type(module).__name__, "config": module.config_dict(), "torch_dtype": _dtype_name(module)}
 
-    return {"format": FORMAT, "version": VERSION, "image_size": model.image_size,
-            "prediction_type": model.prediction_type, "schedule": model.schedule.config_dict(),
-            **{name: slot(name) for name in SLOTS}}
+    config = {"format": FORMAT, "version": VERSION, "image_size": model.image_size,
+              "prediction_type": model.prediction_type, "schedule": model.schedule.config_dict(),
+              **{name: slot(name) for name in SLOTS}}
+    condition = getattr(model, "concat_conditioning", None)
+    if condition is not None:  # written only when set: folders without it load as before
+        if CONCAT_CONDITIONS.get(type(condition).__name__) is not type(condition):
+            raise ValueError(f"cannot save a {type(condition).__name__} as the concat_conditioning: the folder format "
+                             f"knows {', '.join(CONCAT_CONDITIONS)}")
+        config["concat_conditioning"] = {"class": type(condition).__name__, "config": condition.config_dict()}
+    return config
 
 
 def save(model, directory: str | os.PathLike) -> None:
@@ -146,8 +156,15 @@ def load(model_class, directory: str | os.PathLike, device: str | torch.device =
             modules[name] = SLOT_CLASSES[name][specs[name]["class"]].from_config_dict(specs[name]["config"])
         schedule_class = FlowMatchSchedule if config["prediction_type"] == "flow_prediction" else NoiseSchedule
         schedule = schedule_class(**config["schedule"])
+        condition = config.get("concat_conditioning")  # optional: a spatial condition beside z_t
+        if condition is not None:
+            if condition["class"] not in CONCAT_CONDITIONS:
+                raise ValueError(f"unknown concat_conditioning class {condition['class']!r} (known: "
+                                 f"{', '.join(CONCAT_CONDITIONS)})")
+            condition = CONCAT_CONDITIONS[condition["class"]].from_config_dict(condition["config"])
         model = model_class(modules["first_stage"], modules["backbone"], schedule, modules["conditioner"],
-                            config["prediction_type"], config["image_size"])
+                            config["prediction_type"], config["image_size"],
+                            **({"concat_conditioning": condition} if condition is not None else {}))
         dtypes = {name: DTYPES[specs[name]["torch_dtype"]] if specs[name].get("torch_dtype") else None
                   for name in SLOTS}
     except (KeyError, TypeError, ValueError) as e:  # a field missing, unknown, of the wrong type or out of range

@@ -396,17 +396,21 @@ def encode_dataset(ldm: LatentDiffusion, images: torch.Tensor, batch_size: int =
 def train_ldm(
     ldm: LatentDiffusion,
     images: torch.Tensor,
-    captions: list[str],
+    captions: list[str] | None = None,
     config: TrainingConfig | None = None,
     *,
     caption_dropout: float = 0.1,
     snr_gamma: float | None = None,
     callback=None,
+    class_labels=None,
     **settings,
 ) -> dict[str, list[float]]:
     """Train the backbone and the conditioner on (image, caption) pairs; the first stage stays frozen.
 
-    images (N, C, H, W) in [-1, 1], H and W multiples of the first stage's factor; captions, N strings.
+    images (N, C, H, W) in [-1, 1], H and W multiples of the first stage's factor; captions, N strings, or
+    class_labels (N,) integers in their place for a class-conditional model (a ClassEmbedder conditioner: each
+    label becomes its class name, the condition it encodes; e.g. a LabeledImages' .labels). A model with
+    concat_conditioning draws its spatial condition (a random mask, the low-resolution image) from each batch.
     config: how the loop runs (TrainingConfig() when None). caption_dropout: the probability that a caption
     is replaced by the null condition, so the model also learns the unconditional prediction for guidance.
     snr_gamma: None for the plain loss, or γ of Min-SNR-γ loss weighting (Hang et al. 2023 use 5; loss_weighting.py).
@@ -421,6 +425,7 @@ def train_ldm(
     if not isinstance(ldm, LatentDiffusion):
         raise TypeError(f"ldm must be a LatentDiffusion, got {type(ldm).__name__}")
     check_images(images, "images", ldm.first_stage.in_channels, ldm.first_stage.downsampling_factor)
+    captions = ldm._conditions_of(captions, class_labels)  # exactly one of the two; labels -> class names
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise TypeError(f"captions must be a list of strings, got {captions!r:.80}")
     if len(images) != len(captions):
@@ -444,10 +449,14 @@ def train_ldm(
         idx = torch.randint(0, len(means), (config.batch_size,), generator=generator)  # the whole batch ...
         posterior_noise = torch.randn(shape, generator=generator)
         timesteps, noise, dropped = ldm.draw_training_noise(shape, caption_dropout, generator)
+        whole = idx
         idx, posterior_noise = idx[mine], posterior_noise[mine].to(device)  # ... of which this rank trains its slice
         latents = (means[idx] + stds[idx] * posterior_noise) * scale  # z_0 = scaling_factor · (μ + σ ε)
+        concat_input = None
+        if ldm.concat_conditioning is not None:  # drawn for the whole batch (the masks from the generator) ...
+            concat_input = ldm.training_concat_input(images[whole], generator)[mine]  # ... this rank keeps its slice
         loss = ldm.diffusion_loss(latents, [captions[i] for i in idx.tolist()], timesteps[mine], noise[mine],
-                                  dropped[mine], snr_gamma=snr_gamma)
+                                  dropped[mine], snr_gamma=snr_gamma, concat_input=concat_input)
         return loss, {}, {}
 
     with explain_missing_kernels(device, ldm.dtype):
