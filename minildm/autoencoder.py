@@ -134,7 +134,10 @@ class VAEMidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, c: AutoencoderConfig):
+    """x (B, C, H, W) -> (B, 2c, H/f, W/f), the mean and log-variance; with double_z=False (diffusers' name)
+    (B, c, H/f, W/f), one value per latent, for a deterministic encoder (VQModel, vq.py)."""
+
+    def __init__(self, c: AutoencoderConfig, double_z: bool = True):
         super().__init__()
         channels = c.block_out_channels
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
@@ -151,7 +154,8 @@ class Encoder(nn.Module):
             in_ch = out_ch
         self.mid_block = VAEMidBlock(channels[-1], c.norm_num_groups)
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * c.latent_channels, 3, padding=1)  # mean and log-variance
+        out_channels = 2 * c.latent_channels if double_z else c.latent_channels  # mean and log-variance, or z
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)  # (B, 3, H, W) -> (B, C0, H, W)
@@ -161,7 +165,7 @@ class Encoder(nn.Module):
             for downsampler in block.downsamplers:
                 x = downsampler(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2c, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2c or c, H/f, W/f)
 
 
 class Decoder(nn.Module):

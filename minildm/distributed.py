@@ -91,6 +91,17 @@ def average(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather(values: torch.Tensor) -> torch.Tensor:
+    """Every process's `values` concatenated along dim 0 in rank order, on every process (itself in one process):
+    the whole batch again from the ranks' slices (rank_slice)."""
+    size = world()[1]
+    if size == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(size)]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     """Wait until every process gets here (nothing to wait for in one process)."""
     if world()[1] > 1:

@@ -11,7 +11,8 @@ new kind of first stage, conditioner, backbone or sampler plugs in without chang
 from anything; `isinstance(x, Backbone)` checks that the names are there (not their signatures).
 
 Filling the slots today:
-    first stage   AutoencoderKL (autoencoder.py); PixelSpace (pixel_space.py), the identity, for LDM-1
+    first stage   AutoencoderKL (autoencoder.py); VQModel (vq.py), whose decoder quantises; PixelSpace
+                  (pixel_space.py), the identity, for LDM-1
     conditioner   TextEncoder (text.py), a word-level transformer trained with the backbone
     backbone      UNet2DConditionModel (unet.py)
     sampler       DDPMSampler, DDIMSampler (samplers/)
