@@ -10,7 +10,8 @@ Version 2 (the slots, interfaces.py), which save() writes:
                                    {"class": "AutoencoderKL", "config": {...}, "torch_dtype": "float32"}}
     first_stage.safetensors   the weights of each slot, in its dtype (PixelSpace has none: an empty file)
     backbone.safetensors
-    conditioner.safetensors   (a TextEncoder's vocabulary is part of its config)
+    conditioner.safetensors   (a TextEncoder's vocabulary is part of its config, a CLIPTextConditioner's
+                               tokenizer files too)
 
 Version 1 (minildm 0.1: an autoencoder, a UNet and a word-level text encoder, nothing else):
 
@@ -36,6 +37,7 @@ from .atomic import atomic_directory, atomic_write_json, read_json, readable_dir
 from .autoencoder import AutoencoderKL
 from .checkpoint import load_module_weights, save_weights, stored_dtype
 from .class_embedder import ClassEmbedder
+from .clip import CLIPTextConditioner
 from .concat_conditioning import CONCAT_CONDITIONS
 from .dit import DiTTransformer2DModel
 from .flow import FlowMatchSchedule
@@ -50,7 +52,8 @@ SLOTS = ("first_stage", "backbone", "conditioner")
 SLOT_CLASSES = {  # the classes a saved folder may name, per slot; a new slot filler adds itself here
     "first_stage": {"AutoencoderKL": AutoencoderKL, "PixelSpace": PixelSpace},
     "backbone": {"UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel},
-    "conditioner": {"TextEncoder": TextEncoder, "ClassEmbedder": ClassEmbedder},
+    "conditioner": {"TextEncoder": TextEncoder, "ClassEmbedder": ClassEmbedder,
+                    "CLIPTextConditioner": CLIPTextConditioner},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
