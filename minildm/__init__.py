@@ -9,6 +9,7 @@ from .attention import Attention, BasicTransformerBlock, Transformer2DModel
 from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from .class_embedder import ClassEmbedder, ClassEmbedderConfig
 from .classifier import ClassifierConfig, SmallClassifier
+from .clip import CLIPTextConditioner, CLIPTextConfig, CLIPTextModel
 from .concat_conditioning import InpaintingCondition, LowResCondition
 from .data import LabeledImages
 from .demo import DemoConfig, run_demo
@@ -64,4 +65,5 @@ __all__ = [
     "FlowMatchSchedule", "time_shift", "min_snr_weights", "DPMSolverMultistepSampler", "FlowMatchEulerSampler",
     "FlowMatchHeunSampler",
     "ClassEmbedder", "ClassEmbedderConfig", "InpaintingCondition", "LowResCondition",
+    "CLIPTextConditioner", "CLIPTextConfig", "CLIPTextModel",
 ]
