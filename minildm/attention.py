@@ -28,11 +28,14 @@ class Attention(nn.Module):
     """Multi-head attention. Self-attention when `cross_attention_dim` is None, else cross-attention."""
 
     def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 4, dim_head: int = 32,
-                 bias: bool = False):
+                 bias: bool = False, upcast_attention: bool = False):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.heads = heads
+        # SD 2.x's upcast_attention (diffusers' name): in float16 / bfloat16 the scores QK^T of its 64-wide heads
+        # can overflow, so the attention itself runs in float32 and only its output is cast back.
+        self.upcast_attention = upcast_attention
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
@@ -52,13 +55,16 @@ class Attention(nn.Module):
         q = q.view(B, N, self.heads, -1).transpose(1, 2)  # (B, N, inner) -> (B, heads, N, dim_head)
         k = k.view(B, L, self.heads, -1).transpose(1, 2)  # (B, L, inner) -> (B, heads, L, dim_head)
         v = v.view(B, L, self.heads, -1).transpose(1, 2)  # (B, L, inner) -> (B, heads, L, dim_head)
+        dtype = q.dtype
+        if self.upcast_attention:
+            q, k, v = q.float(), k.float(), v.float()
         if self.store_attention_probs:
             scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # QK^T / sqrt(d): (B, heads, N, L)
             self.attention_probs = scores.softmax(dim=-1)
             out = self.attention_probs @ v  # (B, heads, N, dim_head)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(QK^T/sqrt(d))V, fused
-        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, heads, N, dim_head) -> (B, N, inner)
+        out = out.to(dtype).transpose(1, 2).reshape(B, N, -1)  # (B, heads, N, dim_head) -> (B, N, inner)
         return self.to_out[1](self.to_out[0](out))  # (B, N, query_dim)
 
 
@@ -89,13 +95,15 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None):
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None,
+                 upcast_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, None, heads, dim_head)
+        self.attn1 = Attention(dim, None, heads, dim_head, upcast_attention=upcast_attention)
         # An unconditional model has no text to attend to, hence no attn2.
         self.norm2 = nn.LayerNorm(dim) if cross_attention_dim is not None else None
-        self.attn2 = Attention(dim, cross_attention_dim, heads, dim_head) if cross_attention_dim is not None else None
+        self.attn2 = (Attention(dim, cross_attention_dim, heads, dim_head, upcast_attention=upcast_attention)
+                      if cross_attention_dim is not None else None)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -110,7 +118,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The spatial transformer: feature map -> tokens -> transformer blocks -> feature map, plus residual."""
+    """The spatial transformer: feature map -> tokens -> transformer blocks -> feature map, plus residual.
+
+    use_linear_projection: proj_in / proj_out are Linear layers on the tokens (SD 2.x, minildm's default), or
+    1x1 convolutions on the feature map (False: SD 1.x). The two compute the same map, with weights of shape
+    (out, in) or (out, in, 1, 1); the flag says which shape a checkpoint holds. The GroupNorm's eps is 1e-6
+    in every Stable Diffusion (diffusers hard-codes it too), whatever the UNet's norm_eps."""
 
     def __init__(
         self,
@@ -120,26 +133,36 @@ class Transformer2DModel(nn.Module):
         cross_attention_dim: int | None,
         num_layers: int = 1,
         norm_num_groups: int = 32,
+        use_linear_projection: bool = True,
+        upcast_attention: bool = False,
     ):
         super().__init__()
         inner_dim = heads * dim_head
+        self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner_dim)  # SD 2's linear projection (SD 1 used a 1x1 conv)
+        self.proj_in = nn.Linear(channels, inner_dim) if use_linear_projection else nn.Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner_dim, heads, dim_head, cross_attention_dim) for _ in range(num_layers)]
+            [BasicTransformerBlock(inner_dim, heads, dim_head, cross_attention_dim, upcast_attention)
+             for _ in range(num_layers)]
         )
-        self.proj_out = nn.Linear(inner_dim, channels)
+        self.proj_out = nn.Linear(inner_dim, channels) if use_linear_projection else nn.Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         residual = x
         h = self.norm(x)
-        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        h = self.proj_in(h)  # (B, HW, inner)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)  # (B, C, H, W) -> (B, inner, H, W), a 1x1 convolution
+        h = h.flatten(2).transpose(1, 2)  # (B, C or inner, H, W) -> (B, HW, C or inner)
+        if self.use_linear_projection:
+            h = self.proj_in(h)  # (B, HW, C) -> (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, encoder_hidden_states)
-        h = self.proj_out(h)  # (B, HW, C)
-        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W), a view with channels-last strides
+        if self.use_linear_projection:
+            h = self.proj_out(h)  # (B, HW, inner) -> (B, HW, C)
+        h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, HW, C') -> (B, C', H, W), a view with channels-last strides
+        if not self.use_linear_projection:
+            h = self.proj_out(h)  # (B, inner, H, W) -> (B, C, H, W)
         # Residual first: a sum takes the memory layout of its first operand, so the output keeps the input's
         # layout. (`h + residual` came out channels-last, and each convolution after it reordered its weights
         # on every call: 14% of the SD-shaped UNet's forward time on CPU, found by benchmarks/vs_diffusers.py.)

@@ -46,6 +46,9 @@ class AutoencoderConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 16
     scaling_factor: float = 1.0  # set from data by estimate_scaling_factor()
+    # How the encoder's stride-2 convolutions pad (resnet.Downsample2D): 1 on every side (minildm's default), or
+    # 0, Stable Diffusion's (0, 1, 0, 1), which its weights need. config_dict() writes it only when it is 0.
+    downsample_padding: int = 1
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -65,6 +68,9 @@ class AutoencoderConfig:
                                  f"got {ch}")
         if not isinstance(self.scaling_factor, (int, float)) or not 0 < self.scaling_factor < math.inf:
             raise ValueError(f"scaling_factor must be positive and finite, got {self.scaling_factor!r}")
+        if self.downsample_padding not in (0, 1) or isinstance(self.downsample_padding, bool):
+            raise ValueError(f"downsample_padding must be 1 (symmetric) or 0 (Stable Diffusion's (0, 1, 0, 1)), "
+                             f"got {self.downsample_padding!r}")
 
     @property
     def downsampling_factor(self) -> int:
@@ -149,7 +155,8 @@ class Encoder(nn.Module):
                 [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, c.norm_num_groups)
                  for i in range(c.layers_per_block)]
             )
-            block.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if level < len(channels) - 1 else [])
+            block.downsamplers = nn.ModuleList([Downsample2D(out_ch, c.downsample_padding)]
+                                               if level < len(channels) - 1 else [])
             self.down_blocks.append(block)
             in_ch = out_ch
         self.mid_block = VAEMidBlock(channels[-1], c.norm_num_groups)
@@ -228,7 +235,12 @@ class AutoencoderKL(nn.Module):
         return self.config.downsampling_factor
 
     def config_dict(self) -> dict:
-        return asdict(self.config)
+        """The config as JSON-able values; downsample_padding only when it is not the default 1, so the folder
+        of a model that does not use it is the one an earlier minildm wrote and can read."""
+        config = asdict(self.config)
+        if config["downsample_padding"] == 1:
+            del config["downsample_padding"]
+        return config
 
     @classmethod
     def from_config_dict(cls, config: dict) -> AutoencoderKL:

@@ -26,12 +26,14 @@ class ResnetBlock2D(nn.Module):
         temb_channels: int | None = None,
         norm_num_groups: int = 32,
         dropout: float = 0.0,
+        eps: float = 1e-6,
     ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        # eps: the GroupNorms' (diffusers' name): 1e-6 in SD's autoencoder, 1e-5 in its UNet (`norm_eps`).
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-6)
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -46,13 +48,26 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Halve H and W with a stride-2 convolution (learned, unlike pooling)."""
+    """Halve H and W with a stride-2 convolution (learned, unlike pooling).
 
-    def __init__(self, channels: int):
+    padding (diffusers' meaning): 1 pads one zero on every side (the UNet); 0 pads one zero only on the right
+    and at the bottom, (0, 1, 0, 1), before an unpadded convolution, as Stable Diffusion's autoencoder encoder
+    does (the original CompVis code). On an even size both give H/2, but the 3x3 windows sit one pixel apart,
+    so weights trained with one padding give other outputs with the other. An odd H gives (H + 1) / 2 with
+    padding 1 and (H - 1) / 2 with padding 0.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"padding must be 1 (symmetric) or 0 (Stable Diffusion's asymmetric (0, 1, 0, 1)), "
+                             f"got {padding!r}")
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))  # (B, C, H, W) -> (B, C, H + 1, W + 1): a zero column right, row below
         return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
 
 

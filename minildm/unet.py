@@ -36,19 +36,34 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (False, True)  # a spatial transformer at this level?
     layers_per_block: int = 1
     cross_attention_dim: int | None = 128  # width of the text encoder's tokens; None = unconditional
-    attention_head_dim: int = 32
+    # The width of one attention head (heads = channels / attention_head_dim), one for every level or one per
+    # level. Not diffusers' `attention_head_dim`, which for historical reasons counts heads: SD 1.x's "8" is
+    # 8 heads at every level, head widths (40, 80, 160, 160) here; SD 2.x's [5, 10, 20, 20] is 64 here.
+    attention_head_dim: int | tuple[int, ...] = 32
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
     dropout: float = 0.0
+    # Stable Diffusion's settings (their defaults are minildm's earlier fixed choices; config_dict() writes them
+    # only when they differ, so folders saved before they existed read the same):
+    use_linear_projection: bool = True  # spatial transformers' proj_in / proj_out: Linear (SD 2.x) or 1x1 conv (SD 1.x)
+    norm_eps: float = 1e-6  # eps of the ResNets' GroupNorms and of conv_norm_out; SD uses 1e-5
+    upcast_attention: bool = False  # attention in float32 when the model runs in float16 / bfloat16 (SD 2.1)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.attention_levels = tuple(self.attention_levels)
+        if isinstance(self.attention_head_dim, (list, tuple)):
+            self.attention_head_dim = tuple(self.attention_head_dim)
+            if len(self.attention_head_dim) != len(self.block_out_channels):
+                raise ValueError(f"attention_head_dim needs one entry per level ({len(self.block_out_channels)}) or "
+                                 f"one for all, got {self.attention_head_dim}")
         sizes = {"in_channels": self.in_channels, "out_channels": self.out_channels, "layers_per_block":
-                 self.layers_per_block, "attention_head_dim": self.attention_head_dim, "norm_num_groups":
+                 self.layers_per_block, "norm_num_groups":
                  self.norm_num_groups, "transformer_layers_per_block": self.transformer_layers_per_block,
                  "cross_attention_dim": 1 if self.cross_attention_dim is None else self.cross_attention_dim}
         sizes.update({f"block_out_channels[{i}]": ch for i, ch in enumerate(self.block_out_channels)})
+        sizes.update({f"attention_head_dim[{i}]" if isinstance(self.attention_head_dim, tuple) else
+                      "attention_head_dim": self.head_dim(i) for i in range(len(self.block_out_channels))})
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -61,13 +76,27 @@ class UNetConfig:
                 f"attention_levels needs one entry per level: {len(self.block_out_channels)} levels in "
                 f"block_out_channels={self.block_out_channels}, got attention_levels={self.attention_levels}"
             )
-        for ch in self.block_out_channels:
+        for level, ch in enumerate(self.block_out_channels):
             if ch % self.norm_num_groups != 0:
                 raise ValueError(f"block_out_channels entries must divide by norm_num_groups={self.norm_num_groups}, "
                                  f"got {ch}")
-            if ch % self.attention_head_dim != 0:
-                raise ValueError(f"block_out_channels entries must divide by attention_head_dim="
-                                 f"{self.attention_head_dim}, got {ch}")
+            if ch % self.head_dim(level) != 0:
+                raise ValueError(f"block_out_channels entries must divide by their attention_head_dim="
+                                 f"{self.head_dim(level)}, got {ch} at level {level}")
+        for name in ("use_linear_projection", "upcast_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+
+    def head_dim(self, level: int) -> int:
+        """The width of one attention head at `level` (the mid block uses the last level's)."""
+        dims = self.attention_head_dim
+        return dims[level] if isinstance(dims, tuple) else dims
+
+    def heads(self, level: int) -> int:
+        """The number of attention heads at `level`: its channels / its head width."""
+        return self.block_out_channels[level] // self.head_dim(level)
 
     @classmethod
     def tiny(cls, in_channels: int = 4, cross_attention_dim: int | None = 128) -> UNetConfig:
@@ -83,10 +112,14 @@ class UNetConfig:
                    cross_attention_dim=cross_attention_dim, attention_head_dim=32)
 
 
+SD_FIELD_DEFAULTS = {"use_linear_projection": True, "norm_eps": 1e-6, "upcast_attention": False}
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding: [cos(t ω_k), sin(t ω_k)] with ω_k = max_period^(-k / (dim/2)), k = 0 .. dim/2 - 1.
 
-    (Vaswani et al. 2017 sec. 3.5, cos first as in Stable Diffusion.) timesteps (B,) -> (B, dim).
+    (Vaswani et al. 2017 sec. 3.5, cos first as in Stable Diffusion.) timesteps (B,) -> (B, dim). This is
+    diffusers' get_timestep_embedding with SD's flip_sin_to_cos=True and freq_shift=0 (tests/test_unet.py).
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
@@ -132,21 +165,29 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def spatial_transformer(config: UNetConfig, level: int) -> Transformer2DModel:
+    """The spatial transformer of `level` (its channels, heads and head width; the config's projection and upcast)."""
+    c = config
+    return Transformer2DModel(c.block_out_channels[level], c.heads(level), c.head_dim(level), c.cross_attention_dim,
+                              c.transformer_layers_per_block, c.norm_num_groups, c.use_linear_projection,
+                              c.upcast_attention)
+
+
+def resnet_block(in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig) -> ResnetBlock2D:
+    return ResnetBlock2D(in_ch, out_ch, temb_ch, config.norm_num_groups, config.dropout, config.norm_eps)
+
+
 class DownBlock(nn.Module):
     """`layers_per_block` ResNets (each followed by a spatial transformer at attention levels), then downsample."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig, has_attention: bool,
-                 downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig, level: int, downsample: bool):
         super().__init__()
         c = config
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, c.norm_num_groups, c.dropout)
-             for i in range(c.layers_per_block)]
+            [resnet_block(in_ch if i == 0 else out_ch, out_ch, temb_ch, c) for i in range(c.layers_per_block)]
         )
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, out_ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
-                                c.transformer_layers_per_block, c.norm_num_groups)
-             for _ in range(c.layers_per_block if has_attention else 0)]
+            [spatial_transformer(c, level) for _ in range(c.layers_per_block if c.attention_levels[level] else 0)]
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if downsample else [])
 
@@ -168,17 +209,15 @@ class UpBlock(nn.Module):
     """`layers_per_block + 1` ResNets, each fed the previous output concatenated with one skip, then upsample."""
 
     def __init__(self, in_ch: int, out_ch: int, skip_channels: list[int], temb_ch: int, config: UNetConfig,
-                 has_attention: bool, upsample: bool):
+                 level: int, upsample: bool):
         super().__init__()
         c = config
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D((in_ch if i == 0 else out_ch) + skip_ch, out_ch, temb_ch, c.norm_num_groups, c.dropout)
+            [resnet_block((in_ch if i == 0 else out_ch) + skip_ch, out_ch, temb_ch, c)
              for i, skip_ch in enumerate(skip_channels)]
         )
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, out_ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
-                                c.transformer_layers_per_block, c.norm_num_groups)
-             for _ in range(len(skip_channels) if has_attention else 0)]
+            [spatial_transformer(c, level) for _ in range(len(skip_channels) if c.attention_levels[level] else 0)]
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 
@@ -199,11 +238,8 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, temb_ch: int, config: UNetConfig):
         super().__init__()
         c = config
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, c.norm_num_groups, c.dropout) for _ in range(2)])
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(ch, ch // c.attention_head_dim, c.attention_head_dim, c.cross_attention_dim,
-                                c.transformer_layers_per_block, c.norm_num_groups)]
-        )
+        self.resnets = nn.ModuleList([resnet_block(ch, ch, temb_ch, c) for _ in range(2)])
+        self.attentions = nn.ModuleList([spatial_transformer(c, len(c.block_out_channels) - 1)])  # the last level's
 
     def forward(self, x, temb, encoder_hidden_states):
         x = self.resnets[0](x, temb)
@@ -231,8 +267,7 @@ class UNet2DConditionModel(nn.Module):
         self.down_blocks = nn.ModuleList()
         in_ch = channels[0]
         for level, out_ch in enumerate(channels):
-            has_attention, downsample = c.attention_levels[level], level < last
-            self.down_blocks.append(DownBlock(in_ch, out_ch, time_embed_dim, c, has_attention, downsample))
+            self.down_blocks.append(DownBlock(in_ch, out_ch, time_embed_dim, c, level, downsample=level < last))
             skip_channels += [out_ch] * c.layers_per_block + ([out_ch] if level < last else [])
             in_ch = out_ch
 
@@ -243,11 +278,10 @@ class UNet2DConditionModel(nn.Module):
         in_ch = channels[-1]
         for level, out_ch in reversed(list(enumerate(channels))):
             taken = [skip_channels.pop() for _ in range(c.layers_per_block + 1)]
-            has_attention, upsample = c.attention_levels[level], level > 0
-            self.up_blocks.append(UpBlock(in_ch, out_ch, taken, time_embed_dim, c, has_attention, upsample))
+            self.up_blocks.append(UpBlock(in_ch, out_ch, taken, time_embed_dim, c, level, upsample=level > 0))
             in_ch = out_ch
 
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=1e-6)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
@@ -289,7 +323,10 @@ class UNet2DConditionModel(nn.Module):
         return self.config.cross_attention_dim
 
     def config_dict(self) -> dict:
-        return asdict(self.config)
+        """The config as JSON-able values; the Stable Diffusion fields only when they differ from their defaults,
+        so a model that does not use them saves the folder an earlier minildm wrote and can read."""
+        return {name: value for name, value in asdict(self.config).items()
+                if not (name in SD_FIELD_DEFAULTS and value == SD_FIELD_DEFAULTS[name])}
 
     @classmethod
     def from_config_dict(cls, config: dict) -> UNet2DConditionModel:

@@ -292,3 +292,32 @@ def test_autocast_runs_the_whole_round_trip_and_outside_it_the_dtype_is_checked(
         ae.decode(z)
     with pytest.raises(TypeError, match=r"torch.float32 tensor.*got a torch.bfloat16"):
         unet(z, torch.tensor([3, 500]), torch.randn(2, 5, 8))
+
+
+def test_sd_encoder_padding_is_diffusers_downsample():
+    # Stable Diffusion's encoder pads (0, 1, 0, 1) before its stride-2 convolutions (downsample_padding=0).
+    pytest.importorskip("diffusers")
+    from minildm.resnet import Downsample2D
+
+    ours = Downsample2D(8, padding=0)
+    from diffusers.models.downsampling import Downsample2D as DiffusersDownsample2D
+
+    theirs = DiffusersDownsample2D(8, use_conv=True, padding=0, name="op")  # the name the VAE uses
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 7, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+        assert ours(x).shape == (2, 8, 3, 3)
+        symmetric = Downsample2D(8)
+        symmetric.load_state_dict(ours.state_dict())
+        assert not torch.allclose(symmetric(x[:, :, :6]), ours(x[:, :, :6]))  # same size, other windows
+
+
+def test_downsample_padding_is_saved_only_when_set():
+    config = AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=4)
+    assert "downsample_padding" not in AutoencoderKL(config).config_dict()
+    sd = AutoencoderKL(dataclasses.replace(config, downsample_padding=0))
+    assert sd.config_dict()["downsample_padding"] == 0
+    assert AutoencoderKL.from_config_dict(sd.config_dict()).encoder.down_blocks[0].downsamplers[0].padding == 0
+    with pytest.raises(ValueError, match="downsample_padding"):
+        AutoencoderConfig(downsample_padding=2)

@@ -387,3 +387,68 @@ def test_unconditional_backward_reaches_every_parameter():
     unet = make_unet(**CONFIGS["3-level-uncond"]).train()
     unet(randn(2, 4, 8, 8), 3).square().mean().backward()
     assert [name for name, p in unet.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+# --- Stable Diffusion's settings: heads per level, conv projections, norm eps ----------------------------------
+
+
+def test_timestep_embedding_is_diffusers_with_sd_settings():
+    diffusers = pytest.importorskip("diffusers")
+    t = torch.tensor([0, 1, 17, 500, 999])
+    theirs = diffusers.models.embeddings.get_timestep_embedding(t, 320, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, 320), theirs, rtol=0, atol=0)
+
+
+def test_heads_per_level_set_each_transformer():
+    config = UNetConfig(block_out_channels=(16, 32, 32), attention_levels=(True, True, False), cross_attention_dim=8,
+                        attention_head_dim=(2, 4, 4), norm_num_groups=8)  # 8 heads at every level, as SD 1.x
+    assert [config.heads(level) for level in range(3)] == [8, 8, 8]
+    unet = UNet2DConditionModel(config)
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            width = module.to_q.out_features
+            assert module.heads == 8 and width in (16, 32), name
+    assert unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 8  # the last level's heads
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        UNetConfig(block_out_channels=(16, 32), attention_levels=(True, True), attention_head_dim=(2, 4, 4),
+                   norm_num_groups=8)
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        UNetConfig(block_out_channels=(16, 32), attention_levels=(True, True), attention_head_dim=(3, 4),
+                   norm_num_groups=8)
+
+
+def test_conv_projection_is_the_linear_one_with_other_weight_shapes():
+    base = dict(block_out_channels=(16, 16), attention_levels=(False, True), cross_attention_dim=12,
+                attention_head_dim=8, norm_num_groups=8)
+    linear = UNet2DConditionModel(UNetConfig(**base))
+    conv = UNet2DConditionModel(UNetConfig(**base, use_linear_projection=False))
+    state = linear.state_dict()
+    assert conv.state_dict()["mid_block.attentions.0.proj_in.weight"].shape == (16, 16, 1, 1)
+    conv.load_state_dict({k: v[:, :, None, None] if k.endswith(("proj_in.weight", "proj_out.weight")) else v
+                          for k, v in state.items()})
+    x, text = randn(2, 4, 8, 8), randn(2, 3, 12, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(conv.eval()(x, 5, text), linear.eval()(x, 5, text), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_eps_reaches_resnets_and_the_output_norm_only():
+    unet = UNet2DConditionModel(UNetConfig(block_out_channels=(16, 16), attention_levels=(False, True),
+                                           cross_attention_dim=12, attention_head_dim=8, norm_num_groups=8,
+                                           norm_eps=1e-5))
+    eps = {name: m.eps for name, m in unet.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert eps["conv_norm_out"] == 1e-5 and eps["down_blocks.0.resnets.0.norm1"] == 1e-5
+    assert eps["mid_block.resnets.1.norm2"] == 1e-5
+    assert eps["mid_block.attentions.0.norm"] == 1e-6  # the spatial transformer's, fixed in SD and diffusers
+
+
+def test_sd_fields_are_saved_only_when_set():
+    base = dict(block_out_channels=(16, 16), attention_levels=(False, True), cross_attention_dim=12,
+                attention_head_dim=8, norm_num_groups=8)
+    plain = UNet2DConditionModel(UNetConfig(**base)).config_dict()
+    assert not {"use_linear_projection", "norm_eps", "upcast_attention"} & set(plain)
+    sd = UNet2DConditionModel(UNetConfig(**{**base, "attention_head_dim": (2, 2)}, use_linear_projection=False,
+                                         norm_eps=1e-5, upcast_attention=True))
+    config = sd.config_dict()
+    assert (config["use_linear_projection"], config["norm_eps"], config["upcast_attention"]) == (False, 1e-5, True)
+    again = UNet2DConditionModel.from_config_dict({**config, "attention_head_dim": [2, 2]})  # as JSON reads it
+    assert again.config == sd.config
