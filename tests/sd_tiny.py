@@ -161,3 +161,101 @@ def write_tiny_text_side(path, variant: str = "sd15", seed: int = 0) -> Path:
     write_tiny_tokenizer(path / "tokenizer", VARIANTS[variant]["pad_token"])
     return path
 
+
+# ---- the UNet, the VAE, the scheduler and a whole folder (tests/test_pretrained.py) -------------------------------
+
+def _real_unet_config(variant: str) -> dict:
+    """unet/config.json of the real SD 1.5 / SD 2.1 folders (the keys those files hold)."""
+    config = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+              "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+              "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+              "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+              "out_channels": 4, "sample_size": 64, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+    if variant == "sd21":  # 64-wide heads counted per level, linear projections, attention in float32, 768 px
+        config.update({"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "dual_cross_attention":
+                       False, "num_class_embeds": None, "only_cross_attention": False, "resnet_time_scale_shift":
+                       "default", "sample_size": 96, "upcast_attention": True, "use_linear_projection": True})
+    return config
+
+
+def tiny_unet_config(variant: str = "sd15") -> dict:
+    """The real `variant` UNet config shrunk in width only: channels / 10 (32, 64, 128, 128), the text width of
+    the tiny text encoder; SD 1.5 keeps its 8 heads per level (head widths 4, 8, 16, 16), SD 2.1 its constant
+    head width, shrunk from 64 to 8 (heads 4, 8, 16, 16). Everything else (layers, groups, eps, projections,
+    upcast) as in the real file."""
+    config = _real_unet_config(variant)
+    config["block_out_channels"] = [c // 10 for c in config["block_out_channels"]]
+    config["cross_attention_dim"] = VARIANTS[variant]["hidden_size"]
+    if variant == "sd21":
+        config["attention_head_dim"] = [c // 8 for c in config["block_out_channels"]]
+    config["sample_size"] = 8
+    return config
+
+
+def tiny_vae_config() -> dict:
+    """SD's vae/config.json (the same for 1.5 and 2.1) with channels / 4: (32, 64, 128, 128), groups 32."""
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 64, 128, 128],
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+            "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 64,
+            "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+
+def scheduler_config(variant: str = "sd15") -> dict:
+    """scheduler/scheduler_config.json of the real folders: PNDM (ε) for SD 1.5, Euler (v) for SD 2.1."""
+    config = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+              "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+              "trained_betas": None}
+    if variant == "sd21":
+        return {"_class_name": "EulerDiscreteScheduler", **config, "prediction_type": "v_prediction"}
+    return {"_class_name": "PNDMScheduler", **config}
+
+
+def randomize_(model, seed: int = 0):
+    """Every parameter of `model` drawn anew (norm weights near 1, biases and norm shifts near 0, other weights of
+    std 1/sqrt(fan-in)): diffusers' zero biases and unit norms would let a swapped norm or bias go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def tiny_diffusers_unet(variant: str = "sd15", seed: int = 0):
+    """A random diffusers UNet2DConditionModel of tiny_unet_config(variant) (needs diffusers), in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in tiny_unet_config(variant).items() if not k.startswith("_")}
+    return randomize_(UNet2DConditionModel(**config), seed)
+
+
+def tiny_diffusers_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    return randomize_(AutoencoderKL(**{k: v for k, v in tiny_vae_config().items() if not k.startswith("_")}), seed)
+
+
+def write_tiny_sd_folder(path, variant: str = "sd15", seed: int = 0) -> dict:
+    """A whole diffusers StableDiffusionPipeline folder of the tiny `variant` at `path`: model_index.json, unet/,
+    vae/ (diffusers' save_pretrained, safetensors), text_encoder/, tokenizer/, scheduler/. Returns the diffusers
+    and transformers models written: {"unet", "vae", "text_encoder"}."""
+    path = Path(path)
+    unet, vae = tiny_diffusers_unet(variant, seed), tiny_diffusers_vae(seed + 1)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder = write_tiny_text_encoder(path / "text_encoder", variant, seed + 2)
+    write_tiny_tokenizer(path / "tokenizer", VARIANTS[variant]["pad_token"])
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(variant), indent=2))
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+             "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", scheduler_config(variant)["_class_name"]],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
