@@ -372,7 +372,10 @@ class CLIPTextConditioner(nn.Module):
     (last_hidden_state) or k >= 1, the output k layers before the last, through the final LayerNorm, as
     diffusers' clip_skip. Every prompt is padded to max_position_embeddings (77) with the tokenizer's pad token,
     or cut to it: ignored_words() names what a cut drops, and LatentDiffusion.generate warns about it.
-    The empty prompt "" (<|startoftext|> <|endoftext|> pad...) is the null condition.
+    The empty prompt "" (<|startoftext|> <|endoftext|> pad...) is the null condition. It is read at the same
+    layer as the prompts, as Stability AI's FrozenOpenCLIPEmbedder does; diffusers' encode_prompt (0.42) applies
+    clip_skip to the prompt only, not to the negative prompt, so with clip_skip set the two differ in the
+    unconditional half of guidance. (SD 2.x diffusers folders need no clip_skip: their last layer is the one.)
     Raises ValueError when the tokenizer does not fit the encoder (its 77 tokens, ids past vocab_size).
     """
 

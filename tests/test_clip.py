@@ -6,6 +6,7 @@ causal mask and the errors of CLIPTextModel need torch only."""
 
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -396,6 +397,14 @@ def test_bad_tokenizer_folders(tmp_path, sd_folder):
         CLIPTextConditioner.from_pretrained(text_only)
     with pytest.raises(TypeError, match="prompts"):
         CLIPTextConditioner.from_pretrained(root).encode([1, 2])
+
+
+def test_without_transformers_the_conditioner_says_what_to_install(monkeypatch, tmp_path):
+    write_tiny_tokenizer(tmp_path)  # plain files: no transformers needed to write or read them
+    files = read_tokenizer_files(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(ImportError, match="pip install transformers"):
+        CLIPTextConditioner(tiny_model(), files)
 
 
 # ---- the conditioner slot ---------------------------------------------------------------------------------------
