@@ -375,3 +375,12 @@ def test_editing_leaves_the_models_training_flag_as_it_was():
     ldm.eval()
     ldm.invert(images_like(ldm), CAPTIONS[:2], 3)
     assert not ldm.training
+
+
+def test_a_model_with_concatenated_conditioning_is_sent_to_its_generate():
+    from minildm.concat_conditioning import InpaintingCondition
+
+    ldm = make_tiny_ldm("flow_prediction")
+    ldm.concat_conditioning = InpaintingCondition()  # its backbone would need [z_t, mask, masked latents]
+    with pytest.raises(ValueError, match=r"InpaintingCondition.*generate\(image=\.\.\., mask_image=\.\.\.\)"):
+        ldm.img2img(images_like(ldm), CAPTIONS[:2], 0.5, 3)
