@@ -66,3 +66,27 @@ def test_the_prompt_changes_the_image(folder):
     images = ldm.generate(["a red circle", "a blue square"], 4, sampler=sampler, guidance_scale=7.5,
                           latents=latents[:1].expand(2, -1, -1, -1), height=64, width=64)
     assert (images[0] - images[1]).abs().max() > 1e-2
+
+
+def test_sample_pretrained_on_the_command_line(folder, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from minildm import single_file
+    from minildm.__main__ import main
+
+    _, path = folder
+    args = ["sample", "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "32"]
+    assert main([*args, "--pretrained", str(path), "--out", str(tmp_path / "a.png"), "--num", "2"]) == 0
+    def pixels(name):
+        with Image.open(tmp_path / name) as image:
+            return torch.from_numpy(np.asarray(image).astype(np.int64))  # (H, W, 3)
+
+    assert pixels("a.png").shape == (64, 64, 3)  # two 32-wide images side by side
+    single_file.save_single_file(LatentDiffusion.from_pretrained(path), tmp_path / "model.safetensors")
+    assert main([*args, "--pretrained", str(tmp_path / "model.safetensors"), "--config", str(path),
+                 "--out", str(tmp_path / "b.png")]) == 0
+    # The single file gives the first picture again (to one level of 255: a batch of 2 rounds otherwise than 1).
+    assert (pixels("b.png") - pixels("a.png")[:, :32]).abs().max() <= 1
+    assert main([*args, "--pretrained", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.png")]) == 2
+    assert "no diffusers folder" in capsys.readouterr().err
