@@ -84,6 +84,23 @@ VAE_MAPPED = ("in_channels", "out_channels", "latent_channels", "block_out_chann
 LEGACY_VAE_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
+# The unet/ and vae/ config.json of the real SD 1.5 and SD 2.1 folders (the keys those files hold), for building
+# the networks at their real size without their weights (benchmarks/sd_step_time.py, the notebook).
+SD15_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+SD21_UNET_CONFIG = {**SD15_UNET_CONFIG, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                    "sample_size": 96, "upcast_attention": True, "use_linear_projection": True}
+SD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+
 def _check_settings(config: dict, mapped: tuple, fixed: dict, where: str) -> None:
     """Raise ValueError naming every key of `config` minildm does not implement (unknown, or set to a value
     other than the one that leaves it unused)."""

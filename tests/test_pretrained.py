@@ -311,3 +311,26 @@ def test_legacy_vae_attention_names_load(folder, tmp_path):
     vae = pretrained.load_vae(path / "vae")
     for name, tensor in state.items():
         assert torch.equal(vae.state_dict()[name], tensor), name
+
+
+def test_the_real_configs_map_to_sd_head_widths():
+    sd15 = pretrained.unet_config_from_diffusers(pretrained.SD15_UNET_CONFIG)
+    assert sd15.attention_head_dim == (40, 80, 160, 160) and not sd15.use_linear_projection
+    sd21 = pretrained.unet_config_from_diffusers(pretrained.SD21_UNET_CONFIG)
+    assert sd21.attention_head_dim == 64 and sd21.use_linear_projection and sd21.upcast_attention
+    assert pretrained.unet_config_to_diffusers(sd21, 96)["attention_head_dim"] == [5, 10, 20, 20]
+    vae = pretrained.autoencoder_config_from_diffusers(pretrained.SD_VAE_CONFIG)
+    assert vae.downsampling_factor == 8 and vae.downsample_padding == 0 and vae.scaling_factor == 0.18215
+
+
+def test_a_loaded_sd_model_saves_and_loads_as_a_minildm_folder(folder, tmp_path):
+    variant, path, _ = folder
+    ldm = LatentDiffusion.from_pretrained(path)
+    ldm.save(tmp_path / "saved")
+    again = LatentDiffusion.load(tmp_path / "saved")
+    assert again.backbone.config == ldm.backbone.config and again.first_stage.config == ldm.first_stage.config
+    x, t, text = unet_inputs(variant)
+    with torch.no_grad():
+        torch.testing.assert_close(again.backbone(x, t, text), ldm.backbone(x, t, text), rtol=0, atol=0)
+        torch.testing.assert_close(again.conditioner.encode(["a red circle"]), ldm.conditioner.encode(["a red circle"]),
+                                   rtol=0, atol=0)
