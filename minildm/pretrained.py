@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -450,9 +451,11 @@ def to_diffusers(model, folder: str | os.PathLike) -> None:
     diffusion_pytorch_model.safetensors, in the model's dtype) and its noise schedule as scheduler/ (a
     DDIMScheduler config with the model's prediction_type), replacing `folder` as a whole. diffusers'
     UNet2DConditionModel.from_pretrained(folder, subfolder="unet") and AutoencoderKL.from_pretrained(folder,
-    subfolder="vae") then open them. The text side is minildm's own (a TextEncoder has no diffusers class), so
-    the folder has no model_index.json. Raises ValueError for a part diffusers cannot hold (a DiT, pixel space,
-    an unconditional UNet, an autoencoder with minildm's symmetric padding, a rectified flow)."""
+    subfolder="vae") then open them. With a CLIPTextConditioner (a model read from SD files) it also writes
+    text_encoder/ (transformers' CLIPTextModel files), tokenizer/ and model_index.json: a whole folder that
+    diffusers' StableDiffusionPipeline.from_pretrained opens; minildm's word-level TextEncoder has no diffusers
+    counterpart, so a model trained here gets no model_index.json. Raises ValueError for a part diffusers cannot
+    hold (a DiT, pixel space, an unconditional UNet, an autoencoder with minildm's symmetric padding, a flow)."""
     if not isinstance(model.backbone, UNet2DConditionModel):
         raise ValueError(f"to_diffusers writes a UNet2DConditionModel backbone, got {type(model.backbone).__name__}")
     if not isinstance(model.first_stage, AutoencoderKL):
@@ -476,3 +479,25 @@ def to_diffusers(model, folder: str | os.PathLike) -> None:
             atomic_write_json(out / name / "config.json", config)
         (out / "scheduler").mkdir()
         atomic_write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+        if type(model.conditioner).__name__ == "CLIPTextConditioner":
+            _write_text_side(model.conditioner, out)
+
+
+def _write_text_side(conditioner, out: Path) -> None:
+    """text_encoder/ (config.json + model.safetensors, transformers 4's key names as SD folders hold them),
+    tokenizer/ (its files' texts) and model_index.json of a StableDiffusionPipeline folder."""
+    config = conditioner.text_encoder.config
+    (out / "text_encoder").mkdir()
+    (out / "tokenizer").mkdir()
+    save_weights(conditioner.text_encoder.state_dict(), out / "text_encoder" / "model.safetensors")
+    atomic_write_json(out / "text_encoder" / "config.json", {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "bos_token_id": 0, "pad_token_id": 1,
+        "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "projection_dim": config.hidden_size, **asdict(config)})
+    for name, text in conditioner.tokenizer_files.items():
+        (out / "tokenizer" / name).write_text(text, encoding="utf-8")
+    atomic_write_json(out / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})

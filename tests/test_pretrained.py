@@ -334,3 +334,20 @@ def test_a_loaded_sd_model_saves_and_loads_as_a_minildm_folder(folder, tmp_path)
         torch.testing.assert_close(again.backbone(x, t, text), ldm.backbone(x, t, text), rtol=0, atol=0)
         torch.testing.assert_close(again.conditioner.encode(["a red circle"]), ldm.conditioner.encode(["a red circle"]),
                                    rtol=0, atol=0)
+
+
+def test_a_loaded_sd_model_goes_back_to_a_whole_diffusers_folder(folder, tmp_path):
+    variant, path, _ = folder
+    ldm = LatentDiffusion.from_pretrained(path)
+    pretrained.to_diffusers(ldm, tmp_path / "out")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    ids = ldm.conditioner.input_ids(["a photo of an astronaut", ""])
+    assert torch.equal(pipe.tokenizer(["a photo of an astronaut", ""], padding="max_length", max_length=77,
+                                      return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, ldm.conditioner(ids), rtol=0, atol=1e-5)
+    again = LatentDiffusion.from_pretrained(tmp_path / "out")
+    assert again.prediction_type == ldm.prediction_type and again.image_size == ldm.image_size
+    for part in ("backbone", "first_stage", "conditioner"):
+        for name, tensor in getattr(ldm, part).state_dict().items():
+            assert torch.equal(getattr(again, part).state_dict()[name], tensor), name
