@@ -111,8 +111,8 @@ def _check_settings(config: dict, mapped: tuple, fixed: dict, where: str) -> Non
             continue
         if key not in fixed:
             problems.append(f"{key}={value!r} (unknown to minildm)")
-        elif (all(v is False for v in value) if isinstance(value, list) and fixed[key] == (False,)
-              else value not in fixed[key]):
+        elif (not all(v is False for v in value) if isinstance(value, list) and fixed[key] == (False,)
+              else value not in fixed[key]):  # a per-level list of flags (only_cross_attention) must be all off
             problems.append(f"{key}={value!r} (minildm implements only {fixed[key][0]!r})")
     if problems:
         raise ValueError(f"{where} uses settings minildm does not implement: {'; '.join(problems)}")
@@ -239,7 +239,8 @@ def autoencoder_config_to_diffusers(config: AutoencoderConfig, sample_size: int)
             "act_fn": "silu", "sample_size": sample_size, "scaling_factor": config.scaling_factor}
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A diffusers config.json as a dict; FileNotFoundError if missing, ValueError if not a JSON object."""
     if not path.is_file():
         raise FileNotFoundError(f"expected a diffusers config at {path}, but there is none")
     try:
@@ -286,7 +287,7 @@ def load_unet(folder: str | os.PathLike, torch_dtype=None, variant: str | None =
     .safetensors; variant="fp16" reads diffusion_pytorch_model.fp16.safetensors). Raises FileNotFoundError for a
     missing file, ValueError for settings minildm does not implement, pickled weights, or weights that do not fit."""
     folder = Path(folder)
-    unet = UNet2DConditionModel(unet_config_from_diffusers(_read_config(folder / "config.json"),
+    unet = UNet2DConditionModel(unet_config_from_diffusers(read_config(folder / "config.json"),
                                                            str(folder / "config.json")))
     weights = _weights_file(folder, variant)
     return load_state_dict_into(unet, load_weights(weights), str(weights), torch_dtype)
@@ -296,7 +297,7 @@ def load_vae(folder: str | os.PathLike, torch_dtype=None, variant: str | None = 
     """minildm's AutoencoderKL from a diffusers vae/ folder, as load_unet; the attention names of older folders
     (query, key, value, proj_attn) are read as today's (to_q, to_k, to_v, to_out.0)."""
     folder = Path(folder)
-    vae = AutoencoderKL(autoencoder_config_from_diffusers(_read_config(folder / "config.json"),
+    vae = AutoencoderKL(autoencoder_config_from_diffusers(read_config(folder / "config.json"),
                                                           str(folder / "config.json")))
     weights = _weights_file(folder, variant)
     state = {}
@@ -398,7 +399,7 @@ def sampler_from_diffusers(config: dict, schedule: NoiseSchedule | None = None,
 def load_sampler(path: str | os.PathLike, schedule: NoiseSchedule | None = None):
     """The sampler of a diffusers folder's scheduler/scheduler_config.json (sampler_from_diffusers)."""
     config_path = Path(path) / "scheduler" / "scheduler_config.json"
-    return sampler_from_diffusers(_read_config(config_path), schedule, str(config_path))
+    return sampler_from_diffusers(read_config(config_path), schedule, str(config_path))
 
 
 # ---- a whole folder -----------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def check_folder(path: Path) -> dict:
     """model_index.json of a diffusers StableDiffusionPipeline folder, after checking that its parts are there."""
     if not path.is_dir():
         raise FileNotFoundError(f"no diffusers folder at {path}")
-    index = _read_config(path / "model_index.json") if (path / "model_index.json").is_file() else None
+    index = read_config(path / "model_index.json") if (path / "model_index.json").is_file() else None
     if index is None:
         single = sorted(p.name for p in path.iterdir() if p.suffix in {".safetensors", ".ckpt"})
         hint = f" (it holds {', '.join(single)}: a single-file checkpoint is read by minildm.single_file)" \
@@ -439,8 +440,8 @@ def load_pipeline(model_class, path: str | os.PathLike, torch_dtype=None, varian
     conditioner = CLIPTextConditioner.from_pretrained(path, DTYPES.get(torch_dtype, torch_dtype)
                                                       if isinstance(torch_dtype, str) else torch_dtype,
                                                       clip_skip=clip_skip, variant=variant)
-    schedule, prediction_type = schedule_from_diffusers(_read_config(path / "scheduler" / "scheduler_config.json"))
-    sample_size = _read_config(path / "unet" / "config.json").get("sample_size", 64)
+    schedule, prediction_type = schedule_from_diffusers(read_config(path / "scheduler" / "scheduler_config.json"))
+    sample_size = read_config(path / "unet" / "config.json").get("sample_size", 64)
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return model_class(vae, unet, schedule, conditioner, prediction_type,
                        image_size=sample_size * vae.downsampling_factor).eval()

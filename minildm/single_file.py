@@ -37,9 +37,9 @@ from .autoencoder import AutoencoderConfig, AutoencoderKL
 from .checkpoint import PICKLE_HELP, load_weights, save_weights
 from .pretrained import (
     DTYPES,
-    _read_config,
     autoencoder_config_from_diffusers,
     load_state_dict_into,
+    read_config,
     schedule_from_diffusers,
     unet_config_from_diffusers,
 )
@@ -294,11 +294,11 @@ def load_single_file(model_class, path: str | os.PathLike, config: str | os.Path
     where = str(path)
     if config is not None:
         config = Path(config)
-        unet_config = unet_config_from_diffusers(_read_config(config / "unet" / "config.json"))
-        vae_config = autoencoder_config_from_diffusers(_read_config(config / "vae" / "config.json"))
-        text_config = CLIPTextConfig.from_transformers(_read_config(config / "text_encoder" / "config.json"))
+        unet_config = unet_config_from_diffusers(read_config(config / "unet" / "config.json"))
+        vae_config = autoencoder_config_from_diffusers(read_config(config / "vae" / "config.json"))
+        text_config = CLIPTextConfig.from_transformers(read_config(config / "text_encoder" / "config.json"))
         schedule, folder_prediction = schedule_from_diffusers(
-            _read_config(config / "scheduler" / "scheduler_config.json"))
+            read_config(config / "scheduler" / "scheduler_config.json"))
         tokenizer = config / "tokenizer" if tokenizer is None else tokenizer
     else:
         unet_config = unet_config_from_checkpoint(state, version, attention_head_dim)
@@ -330,7 +330,7 @@ def load_single_file(model_class, path: str | os.PathLike, config: str | os.Path
     prediction_type = prediction_type if prediction_type is not None else (
         folder_prediction if folder_prediction is not None else ("v_prediction" if version == 2 else "epsilon"))
     image_size = (768 if version == 2 and prediction_type == "v_prediction" else 512) if config is None else \
-        _read_config(config / "unet" / "config.json").get("sample_size", 64) * vae.downsampling_factor
+        read_config(config / "unet" / "config.json").get("sample_size", 64) * vae.downsampling_factor
     return model_class(load_state_dict_into(vae, vae_state, where, torch_dtype),
                        load_state_dict_into(unet, unet_state, where, torch_dtype), schedule,
                        conditioner.eval(), prediction_type, image_size).eval()
@@ -340,6 +340,10 @@ def save_single_file(model, path: str | os.PathLike) -> None:
     """Write a LatentDiffusion with SD's parts (UNet, AutoencoderKL, CLIPTextConditioner) as one original-layout
     .safetensors file: UNet and VAE under their CompVis names (the VAE's attention as 1x1 convolutions, as CompVis
     stores it), the text encoder as SD 1.x (OpenAI CLIP, quick-GELU) or SD 2.x (OpenCLIP, GELU) files hold it."""
+    parts = (type(model.backbone).__name__, type(model.first_stage).__name__, type(model.conditioner).__name__)
+    if parts != ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextConditioner"):
+        raise ValueError(f"a single-file SD checkpoint holds a UNet2DConditionModel, an AutoencoderKL and a "
+                         f"CLIPTextConditioner; this model has {', '.join(parts)}")
     text = model.conditioner.text_encoder
     state = {}
     for prefix, module, key_map in ((UNET_PREFIX, model.backbone, unet_key_map(model.backbone.config)),

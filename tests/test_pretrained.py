@@ -262,6 +262,15 @@ def test_unsupported_unet_settings_are_named(folder, tmp_path, setting, value):
         pretrained.load_unet(path / "unet")
 
 
+def test_per_level_flags_must_all_be_off(folder, tmp_path):
+    path = copy_of(folder, tmp_path)
+    edit_json(path / "unet" / "config.json", only_cross_attention=[False] * 4)
+    assert pretrained.load_unet(path / "unet").config.block_out_channels == (32, 64, 128, 128)
+    edit_json(path / "unet" / "config.json", only_cross_attention=[True, False, False, False])
+    with pytest.raises(ValueError, match="only_cross_attention"):
+        pretrained.load_unet(path / "unet")
+
+
 def test_bad_block_types_and_heads_are_named(folder, tmp_path):
     path = copy_of(folder, tmp_path)
     edit_json(path / "unet" / "config.json", up_block_types=["CrossAttnUpBlock2D"] * 4)
