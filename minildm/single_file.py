@@ -267,7 +267,10 @@ def _take(state: dict, prefix: str, key_map: dict[str, str], target: dict, where
         if tensor.ndim == 4 and target[ours].ndim == 2:
             tensor = tensor[:, :, 0, 0]  # (out, in, 1, 1) -> (out, in)
         out[ours] = tensor
-    unused = sorted(set(k for k in state if k.startswith(prefix)) - {prefix + v for v in key_map.values()})
+    # The autoencoder's training loss (LPIPS and discriminator weights, first_stage_model.loss.*) rides along in
+    # some files; it is not part of the model.
+    unused = sorted(set(k for k in state if k.startswith(prefix) and not k.startswith(prefix + "loss."))
+                    - {prefix + v for v in key_map.values()})
     if unused:
         raise ValueError(f"{where} has tensors this configuration does not use: {', '.join(unused[:8])}"
                          + (" ..." if len(unused) > 8 else ""))

@@ -106,3 +106,20 @@ def test_pickles_and_other_files_are_refused(tmp_path, checkpoint):
         single_file.load_single_file(LatentDiffusion, tmp_path / "unet.safetensors")
     with pytest.raises(ValueError, match="tokenizer"):
         single_file.load_single_file(LatentDiffusion, path / "model.safetensors", attention_head_dim=8)
+
+
+def test_what_original_files_carry_besides_the_model_is_passed_over(checkpoint, tmp_path):
+    # The schedule's buffers, EMA bookkeeping and the autoencoder's training loss sit in many original files; a tensor
+    # the UNet has no place for is refused by name.
+    from safetensors.torch import save_file
+
+    _, path, _, ldm = checkpoint
+    state = load_file(path / "model.safetensors")
+    extra = {"betas": torch.zeros(1000), "model_ema.decay": torch.ones(()), "first_stage_model.loss.logvar":
+             torch.zeros(())}
+    save_file({**state, **extra}, tmp_path / "full.safetensors")
+    again = single_file.load_single_file(LatentDiffusion, tmp_path / "full.safetensors", config=path / "folder")
+    assert_same_tensors(again.backbone.state_dict(), ldm.backbone.state_dict())
+    save_file({**state, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="label_emb"):
+        single_file.load_single_file(LatentDiffusion, tmp_path / "bad.safetensors", config=path / "folder")
