@@ -279,7 +279,7 @@ def _take(state: dict, prefix: str, key_map: dict[str, str], target: dict, where
 
 def load_single_file(model_class, path: str | os.PathLike, config: str | os.PathLike | None = None,
                      tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
-                     torch_dtype=None, attention_head_dim=None):
+                     torch_dtype=None, attention_head_dim=None, version: int | None = None):
     """A LatentDiffusion (`model_class`) from an original single-file SD 1.x / 2.x .safetensors checkpoint.
 
     config: a diffusers folder whose unet/, vae/, text_encoder/ config.json, tokenizer/ and scheduler/ describe
@@ -288,12 +288,15 @@ def load_single_file(model_class, path: str | os.PathLike, config: str | os.Path
         none (the SD 1.x and 2.x tokenizers are those of their diffusers folders).
     prediction_type: "epsilon" or "v_prediction"; None is the scheduler's of `config`, else v for SD 2.x.
     attention_head_dim: minildm's head width, for a file whose heads are not SD's (without `config`).
+    version: 1 or 2 to say which SD the file is, instead of detecting it (sd_version).
     Raises ValueError for a pickle, a file that is not an SD checkpoint, or tensors that do not fit."""
     from .clip import CLIPTextConditioner, CLIPTextConfig, CLIPTextModel, read_tokenizer_files
 
     path = Path(path)
     state = read_checkpoint(path)
-    version = sd_version(state)
+    if version not in (None, 1, 2):
+        raise ValueError(f"version must be 1 (SD 1.x), 2 (SD 2.x) or None (detect it), got {version!r}")
+    version = version if version is not None else sd_version(state)
     where = str(path)
     if config is not None:
         config = Path(config)
@@ -313,7 +316,8 @@ def load_single_file(model_class, path: str | os.PathLike, config: str | os.Path
     unet, vae = UNet2DConditionModel(unet_config), AutoencoderKL(vae_config)
     unet_state = _take(state, UNET_PREFIX, unet_key_map(unet_config), unet.state_dict(), where)
     vae_state = _take(state, VAE_PREFIX, vae_key_map(vae_config), vae.state_dict(), where)
-    if version == 2:
+    open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in state)  # the layout decides, not the version
+    if open_clip:
         text_state = open_clip_to_transformers(state)
     else:
         text_state = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
@@ -324,7 +328,7 @@ def load_single_file(model_class, path: str | os.PathLike, config: str | os.Path
             intermediate_size=text_state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_hidden_layers=len({k.split(".")[3] for k in text_state if k.startswith("text_model.encoder.layers.")}),
             max_position_embeddings=text_state["text_model.embeddings.position_embedding.weight"].shape[0],
-            hidden_act="gelu" if version == 2 else "quick_gelu")
+            hidden_act="gelu" if open_clip else "quick_gelu")
     text_encoder = CLIPTextModel(text_config)
     text_encoder.load_transformers_state_dict(text_state, where)
     if torch_dtype is not None and torch_dtype != "auto":

@@ -92,6 +92,11 @@ def test_shapes_and_sd_defaults_describe_the_file_without_a_config(checkpoint):
                                              tokenizer=path / "folder" / "tokenizer", attention_head_dim=8)
         assert again.prediction_type == "v_prediction"
         assert again.conditioner.text_encoder.config.num_hidden_layers == 23
+        given = single_file.load_single_file(LatentDiffusion, path / "model.safetensors", version=1,
+                                             tokenizer=path / "folder" / "tokenizer", attention_head_dim=8)
+        assert given.prediction_type == "epsilon" and not given.backbone.config.upcast_attention
+        with pytest.raises(ValueError, match="version"):
+            single_file.load_single_file(LatentDiffusion, path / "model.safetensors", version=3)
 
 
 def test_pickles_and_other_files_are_refused(tmp_path, checkpoint):
