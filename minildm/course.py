@@ -28,6 +28,7 @@ from .schedule import NoiseSchedule
 from .text import TextEncoder
 from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
+from .vq import VQModel, VQModelConfig
 
 
 def mnist_autoencoder(factor: int = 4) -> AutoencoderKL:
@@ -50,6 +51,41 @@ def mnist_autoencoder_or_train(train: LabeledImages, factor: int = 4, artifacts:
     print(f"trained the f={factor} autoencoder: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
     autoencoder.save(path)
     return autoencoder.cpu().eval()
+
+
+def mnist_vq_model(factor: int = 4) -> VQModel:
+    """Notebook 12's VQ autoencoder: notebook 02's encoder and decoder (mnist_autoencoder) around a codebook of
+    256 codes (64 at the ci profile) with EMA updates and dead-code restarts, untrained."""
+    return VQModel(VQModelConfig.for_factor(factor, in_channels=1, latent_channels=4, width=16, norm_num_groups=8,
+                                            num_vq_embeddings=pick(ci=64, cpu=256), codebook_ema_decay=0.99,
+                                            restart_dead_codes=True, dead_code_steps=pick(ci=10, cpu=50)))
+
+
+def mnist_vq_or_train(train: LabeledImages, factor: int = 4, artifacts: str | os.PathLike = "artifacts",
+                      minutes: float | None = None, device=None) -> VQModel:
+    """Load artifacts/vq_mnist_f{factor}_{profile}, or train it as mnist_autoencoder_or_train trains the KL
+    autoencoder (batch 16, lr 2e-3, 3 minutes at the cpu profile) and save it. `.history` holds its training
+    history (loss, perplexity, dead codes, restarted codes per step)."""
+    path = Path(artifacts) / f"vq_mnist_f{factor}_{current_profile()}"
+    history_path = path / "history.json"
+    if (path / "vq_model.json").exists():
+        history = json.loads(history_path.read_text()) if history_path.exists() else None
+        took = f"; it trained {history['steps'][0]} steps in {history['seconds'][0]:.0f} s" if history else ""
+        print(f"reused {path} (delete it to train again{took})")
+        model = VQModel.load(path).eval()
+        model.history = history
+        return model
+    torch.manual_seed(0)
+    model = mnist_vq_model(factor)
+    history = train_autoencoder(model, train.images, TrainingConfig.for_autoencoder(
+        steps=pick(ci=30, cpu=20000), batch_size=16, lr=2e-3,
+        max_minutes=minutes if minutes is not None else pick(ci=0.5, cpu=3.0), device=device, progress=False))
+    print(f"trained the f={factor} VQ autoencoder: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
+    model.save(path)
+    atomic_write_json(history_path, history)
+    model = model.cpu().eval()
+    model.history = history
+    return model
 
 
 def mnist_text_encoder(captions: list[str]) -> TextEncoder:
