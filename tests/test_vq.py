@@ -405,3 +405,16 @@ def test_for_factor_builds_the_autoencoders_layout_with_a_codebook():
     assert isinstance(config, VQModelConfig)
     with pytest.raises(TypeError):
         VQModelConfig.for_factor(4, codebook_size=3)
+
+
+def test_the_vq_vs_kl_benchmark_runs_quick(tmp_path):
+    from benchmarks import first_stage_vq
+
+    result = first_stage_vq.main(["--quick", "--datasets", "shapes", "--results", str(tmp_path)])
+    run = result["datasets"]["shapes"]
+    assert set(run["first_stages"]) == {"kl", "vq", "vq_ema_restart"}
+    assert "held_out_perplexity" in run["first_stages"]["vq"] and "held_out_perplexity" not in run["first_stages"]["kl"]
+    assert set(run["ldm"]) == set(run["ldm_first_stages"]) and run["ldm_first_stages"][0] == "kl"
+    for score in run["ldm"].values():
+        assert 0 <= score["ci95"][0] <= score["quality"] <= score["ci95"][1] <= 1
+    assert (tmp_path / "first_stage_vq_quick.json").is_file() and (tmp_path / "first_stage_vq_quick.png").is_file()
