@@ -17,8 +17,11 @@ import torch
 
 from .atomic import atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
+from .class_embedder import ClassEmbedder, ClassEmbedderConfig
 from .classifier import SmallClassifier
+from .concat_conditioning import InpaintingCondition, LowResCondition
 from .data import LabeledImages
+from .demo import DemoConfig, build_autoencoder
 from .dit import DiTConfig, DiTTransformer2DModel
 from .fid import dataset_classifier
 from .flow import FlowMatchSchedule
@@ -116,8 +119,8 @@ def mnist_pixel_model(captions: list[str]) -> LatentDiffusion:
     return LatentDiffusion(None, unet, NoiseSchedule(), text_encoder, image_size=32)
 
 
-def _train_or_reuse(path: Path, build, images: torch.Tensor, captions: list[str], config: TrainingConfig,
-                    what: str) -> LatentDiffusion:
+def _train_or_reuse(path: Path, build, images: torch.Tensor, captions: list[str] | None, config: TrainingConfig,
+                    what: str, class_labels=None) -> LatentDiffusion:
     """Load the model saved at `path`, or build() it, train it on (images, captions) and save it with its history.
 
     Either way, prints what happened: "reused PATH (...)" with the steps and seconds the saved run took, or
@@ -133,7 +136,7 @@ def _train_or_reuse(path: Path, build, images: torch.Tensor, captions: list[str]
         return model
     torch.manual_seed(0)
     model = build()
-    history = train_ldm(model, images, captions, config)
+    history = train_ldm(model, images, captions, config, class_labels=class_labels)
     print(f"trained {what}: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
     model.save(path)
     atomic_write_json(history_path, history)
@@ -271,3 +274,108 @@ def mnist_dit_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = 
 
     return _train_or_reuse(Path(artifacts) / f"ldm_mnist_dit_{current_profile()}", build, train.images[:n],
                            train.captions[:n], _short_budget(device), "the DiT model")
+
+# ---- notebook 13: conditioning by concatenation and by class -------------------------------------------------------
+
+
+def _notebook_13_budget(device, minutes: float) -> TrainingConfig:
+    """Notebook 13's budget: the demo's settings (batch 64, lr 1e-3, EMA 0.999) for `minutes` at the cpu profile."""
+    return TrainingConfig(steps=pick(ci=30, cpu=20000), batch_size=pick(ci=8, cpu=64), lr=1e-3,
+                          max_minutes=pick(ci=0.1, cpu=minutes), device=device, progress=False)
+
+
+def shapes_autoencoder_or_train(train, artifacts: str | os.PathLike = "artifacts", device=None) -> AutoencoderKL:
+    """The demo's f = 4 autoencoder for ShapesDataset (demo.build_autoencoder: 16-32-64 channels, 4 latent channels),
+    from artifacts/autoencoder_shapes_{profile}, or trained with the demo's settings (1800 steps of batch 16, lr 2e-3,
+    at most 3 minutes at the cpu profile) on `train` (a ShapesDataset) and saved there."""
+    path = Path(artifacts) / f"autoencoder_shapes_{current_profile()}"
+    if (path / "autoencoder.json").exists():
+        print(f"reused {path} (delete it to train again)")
+        return AutoencoderKL.load(path).eval()
+    config = pick(ci=DemoConfig.smoke(), cpu=DemoConfig())
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(config)
+    history = train_autoencoder(autoencoder, train.images, TrainingConfig.for_autoencoder(
+        steps=pick(ci=30, cpu=config.ae_steps), batch_size=config.ae_batch_size, lr=config.ae_lr,
+        max_minutes=pick(ci=0.2, cpu=3.0), device=device, progress=False))
+    print(f"trained the shapes autoencoder: {history['steps'][0]} steps in {history['seconds'][0]:.0f} s")
+    autoencoder.save(path)
+    return autoencoder.cpu().eval()
+
+
+def _concat_unet(latent_channels: int, extra_channels: int, cross_attention_dim: int, shapes: bool):
+    """The demo's UNet (ShapesDataset) or notebook 06's (MNIST), taking `extra_channels` more input channels."""
+    if shapes:
+        config = pick(ci=DemoConfig.smoke(), cpu=DemoConfig())
+        channels, groups, head = config.unet_channels, config.unet_norm_groups, pick(ci=8, cpu=32)
+    else:
+        channels, groups, head = pick(ci=(16, 16), cpu=(64, 64)), pick(ci=8, cpu=16), pick(ci=8, cpu=32)
+    return UNet2DConditionModel(UNetConfig(
+        in_channels=latent_channels + extra_channels, out_channels=latent_channels, block_out_channels=channels,
+        attention_levels=(False, True), cross_attention_dim=cross_attention_dim, attention_head_dim=head,
+        norm_num_groups=groups))
+
+
+def shapes_inpainting_or_train(train, artifacts: str | os.PathLike = "artifacts", device=None) -> LatentDiffusion:
+    """Notebook 13's inpainting model of ShapesDataset, as Stable Diffusion's: the demo's UNet taking [z_t, mask,
+    masked-image latents] (InpaintingCondition, 4 + 1 + 4 channels), a text encoder of the captions, a rectified flow
+    (FlowMatchSchedule), on the demo's autoencoder (shapes_autoencoder_or_train). Trained on `train` (a
+    ShapesDataset) with random rectangle and brush-stroke masks for 4 minutes at the cpu profile, or loaded from
+    artifacts/inpainting_shapes_{profile}. Notebook 14 compares training-free inpainting against it."""
+    config = pick(ci=DemoConfig.smoke(), cpu=DemoConfig())
+
+    def build() -> LatentDiffusion:
+        autoencoder = shapes_autoencoder_or_train(train, artifacts, device)
+        text_encoder = TextEncoder.from_captions(train.captions, hidden_size=config.text_hidden_size,
+                                                 num_layers=config.text_layers)
+        condition = InpaintingCondition()
+        unet = _concat_unet(autoencoder.config.latent_channels, condition.extra_channels(autoencoder),
+                            config.text_hidden_size, shapes=True)
+        return LatentDiffusion(autoencoder, unet, FlowMatchSchedule(), text_encoder, "flow_prediction",
+                               image_size=config.image_size, concat_conditioning=condition)
+
+    return _train_or_reuse(Path(artifacts) / f"inpainting_shapes_{current_profile()}", build, train.images,
+                           train.captions, _notebook_13_budget(device, 4.0),
+                           "the inpainting model ([z_t, mask, masked-image latents])")
+
+
+def mnist_super_resolution_or_train(train: LabeledImages, scale: int = 4, artifacts: str | os.PathLike = "artifacts",
+                                    device=None) -> LatentDiffusion:
+    """Notebook 13's super-resolution model of MNIST: notebook 06's UNet and text encoder taking [z_t, x↓] with x↓ the
+    digit at 1/`scale` of its size (LowResCondition; 8x8 for scale 4 is the f = 4 latents' size), a rectified flow,
+    on notebook 02's f = 4 autoencoder. Trained for 3 minutes at the cpu profile, or loaded from
+    artifacts/super_resolution_mnist_x{scale}_{profile}."""
+    n = pick(ci=500, cpu=len(train.images))
+
+    def build() -> LatentDiffusion:
+        autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
+        text_encoder = mnist_text_encoder(train.captions)
+        condition = LowResCondition(scale)
+        unet = _concat_unet(autoencoder.config.latent_channels, condition.extra_channels(autoencoder),
+                            text_encoder.config.hidden_size, shapes=False)
+        return LatentDiffusion(autoencoder, unet, FlowMatchSchedule(), text_encoder, "flow_prediction",
+                               image_size=32, concat_conditioning=condition)
+
+    return _train_or_reuse(Path(artifacts) / f"super_resolution_mnist_x{scale}_{current_profile()}", build,
+                           train.images[:n], train.captions[:n], _notebook_13_budget(device, 3.0),
+                           f"the x{scale} super-resolution model")
+
+
+def mnist_class_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = "artifacts",
+                             device=None) -> LatentDiffusion:
+    """Notebook 13's class-conditional MNIST model: notebook 06's UNet cross-attending to one learned token per digit
+    (ClassEmbedder, 10 classes named "0" to "9", a null class for guidance), a rectified flow on notebook 02's f = 4
+    autoencoder, trained on the labels for 3 minutes at the cpu profile, or loaded from
+    artifacts/class_ldm_mnist_{profile}."""
+    n = pick(ci=500, cpu=len(train.images))
+
+    def build() -> LatentDiffusion:
+        autoencoder = mnist_autoencoder_or_train(train, 4, artifacts, device=device)
+        embedder = ClassEmbedder(ClassEmbedderConfig(len(train.class_names), pick(ci=32, cpu=128),
+                                                     list(train.class_names)))
+        unet = _concat_unet(autoencoder.config.latent_channels, 0, embedder.hidden_size, shapes=False)
+        return LatentDiffusion(autoencoder, unet, FlowMatchSchedule(), embedder, "flow_prediction", image_size=32)
+
+    return _train_or_reuse(Path(artifacts) / f"class_ldm_mnist_{current_profile()}", build, train.images[:n], None,
+                           _notebook_13_budget(device, 3.0), "the class-conditional model (ClassEmbedder)",
+                           class_labels=train.labels[:n])
