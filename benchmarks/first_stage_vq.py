@@ -20,7 +20,7 @@ objectives.py scores (its Scorer: 120 shapes prompts, all four attributes right 
 MnistScorer: 200 prompted digits read by the MNIST classifier, and KID), guidance 3, Euler 25 steps, with
 Wilson intervals.
 
-    python -m benchmarks.first_stage_vq [--ae-steps 600] [--ldm-steps 500] [--codes 256] [--quick]
+    python -m benchmarks.first_stage_vq [--ae-steps 500] [--ldm-steps 400] [--codes 256] [--quick]
 
 Writes benchmarks/results/first_stage_vq.json and .png. Step times are measured under contention (a shared
 2-core machine): read only the quality columns as results.
@@ -129,8 +129,8 @@ def plot(result: dict, pictures: dict, path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ae-steps", type=int, default=600, help="training steps of each first stage")
-    parser.add_argument("--ldm-steps", type=int, default=500, help="training steps of each downstream LDM")
+    parser.add_argument("--ae-steps", type=int, default=500, help="training steps of each first stage")
+    parser.add_argument("--ldm-steps", type=int, default=400, help="training steps of each downstream LDM")
     parser.add_argument("--codes", type=int, default=256, help="K, the VQ models' codebook size")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "shapes"], choices=["mnist", "shapes"])
     parser.add_argument("--quick", action="store_true", help="seconds: checks that the script runs")
