@@ -418,3 +418,22 @@ def test_the_vq_vs_kl_benchmark_runs_quick(tmp_path):
     for score in run["ldm"].values():
         assert 0 <= score["ci95"][0] <= score["quality"] <= score["ci95"][1] <= 1
     assert (tmp_path / "first_stage_vq_quick.json").is_file() and (tmp_path / "first_stage_vq_quick.png").is_file()
+
+
+def test_the_course_vq_model_is_trained_once_with_its_history_then_reused(monkeypatch, tmp_path, capsys):
+    from minildm import course
+    from minildm.data import LabeledImages
+
+    monkeypatch.setenv("MINILDM_PROFILE", "ci")
+    images = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.arange(32) % 10
+    data = LabeledImages(images, labels, [f"digit {k}" for k in labels.tolist()], [str(k) for k in range(10)])
+    first = course.mnist_vq_or_train(data, artifacts=tmp_path, minutes=0.02, device="cpu")
+    assert "trained the f=4 VQ autoencoder" in capsys.readouterr().out
+    assert (tmp_path / "vq_mnist_f4_ci" / "vq_model.json").is_file()
+    assert first.config.codebook_ema_decay > 0 and first.config.restart_dead_codes
+    again = course.mnist_vq_or_train(data, artifacts=tmp_path, device="cpu")
+    assert "reused" in capsys.readouterr().out
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert again.history == first.history and len(again.history["perplexity"]) == again.history["steps"][0]
