@@ -49,6 +49,7 @@ from .shapes import HELD_OUT, ShapeAttributes, ShapesDataset
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .train import TrainingConfig, train_autoencoder, train_ldm
 from .unet import UNet2DConditionModel, UNetConfig
+from .vq import VectorQuantizer, VQModel, VQModelConfig, codebook_perplexity
 
 __version__ = "0.2.0"
 
@@ -63,7 +64,7 @@ __all__ = [
     "UNet2DConditionModel", "UNetConfig", "DiTConfig", "DiTTransformer2DModel",
     "KIDResult", "kernel_inception_distance", "kid", "proportion_ci",
     "FlowMatchSchedule", "time_shift", "min_snr_weights", "DPMSolverMultistepSampler", "FlowMatchEulerSampler",
-    "FlowMatchHeunSampler",
+    "FlowMatchHeunSampler", "VQModel", "VQModelConfig", "VectorQuantizer", "codebook_perplexity",
     "ClassEmbedder", "ClassEmbedderConfig", "InpaintingCondition", "LowResCondition",
     "CLIPTextConditioner", "CLIPTextConfig", "CLIPTextModel",
 ]

@@ -45,12 +45,13 @@ from .pixel_space import PixelSpace
 from .schedule import NoiseSchedule
 from .text import TextEncoder
 from .unet import UNet2DConditionModel
+from .vq import VQModel
 
 FORMAT = "minildm.LatentDiffusion"
 VERSION = 2
 SLOTS = ("first_stage", "backbone", "conditioner")
 SLOT_CLASSES = {  # the classes a saved folder may name, per slot; a new slot filler adds itself here
-    "first_stage": {"AutoencoderKL": AutoencoderKL, "PixelSpace": PixelSpace},
+    "first_stage": {"AutoencoderKL": AutoencoderKL, "PixelSpace": PixelSpace, "VQModel": VQModel},
     "backbone": {"UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel},
     "conditioner": {"TextEncoder": TextEncoder, "ClassEmbedder": ClassEmbedder,
                     "CLIPTextConditioner": CLIPTextConditioner},

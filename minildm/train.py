@@ -43,6 +43,7 @@ from .ema import EMAModel
 from .ldm import LatentDiffusion
 from .loss_weighting import min_snr_weights
 from .training_state import TrainingState, load_training_state, save_training_state
+from .vq import VQModel
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -173,7 +174,7 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
     checkpoint_dir = config.checkpoint_dir
     if checkpoint_dir is not None:
         found = readable_directory(checkpoint_dir)
-        model_files = [n for n in ("config.json", "autoencoder.json") if (found / n).is_file()]
+        model_files = [n for n in ("config.json", "autoencoder.json", "vq_model.json") if (found / n).is_file()]
         if model_files and not (found / "trainer.json").is_file():
             raise ValueError(f"checkpoint_dir {checkpoint_dir} holds a saved model ({model_files[0]}): a training "
                              f"checkpoint would overwrite its weights; give the checkpoint a folder of its own")
@@ -251,6 +252,9 @@ def _run(name: str, trained: dict[str, nn.Module], loss_fn, config: TrainingConf
             postfix["left"] = f"{max(0.0, budget - elapsed) / 60:.1f} min"
         if history["skipped_steps"]:
             postfix["skipped"] = len(history["skipped_steps"])
+        for key in ("perplexity", "dead_codes"):  # a VQModel's codebook usage (vq.py)
+            if key in parts:
+                postfix[key] = f"{history[key][-1]:.1f}"
         bar.set_postfix(postfix)
         if checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             if rank == 0:
@@ -304,7 +308,7 @@ def _start(config: TrainingConfig) -> tuple[torch.device, slice]:
 
 
 def train_autoencoder(
-    autoencoder: AutoencoderKL,
+    autoencoder: AutoencoderKL | VQModel,
     images: torch.Tensor,
     config: TrainingConfig | None = None,
     *,
@@ -317,20 +321,24 @@ def train_autoencoder(
 ) -> dict[str, list[float]]:
     """Train the autoencoder on images (N, C, H, W) in [-1, 1]; then estimate its scaling factor.
 
+    autoencoder: an AutoencoderKL, or a VQModel (vq.py). Each brings its own regulariser: the KL term for the
+        former, the codebook and commitment terms (their settings in VQModelConfig) for the latter, whose
+        codebook also updates itself at each step (EMA, restarts; its state is checkpointed with its weights).
     config: how the loop runs (TrainingConfig.for_autoencoder() when None).
-    kl_weight: the KL term's weight (autoencoder.training_loss).
+    kl_weight: the KL term's weight (autoencoder.training_loss); unused by a VQModel.
     discriminator: a PatchDiscriminator (discriminator.py); from step `discriminator_start` on, each step
         also trains it on real vs reconstructed images and adds `discriminator_weight` times the adversarial
         loss. Its weights and its optimizer are checkpointed too, so resume stays bit-exact.
     callback(step) runs every config.callback_every steps (on rank 0).
 
-    Returns the history: per-step "loss", "reconstruction" (L1) and "kl" (and "discriminator",
-    "adversarial" once the discriminator is on), plus "skipped_steps", "seconds" and "steps". Raises
+    Returns the history: per-step "loss", "reconstruction" (L1) and "kl" (a VQModel: "codebook", "commitment",
+    "perplexity", "dead_codes" and, with restarts, "restarted_codes"; and "discriminator", "adversarial" once
+    the discriminator is on), plus "skipped_steps", "seconds" and "steps". Raises
     TypeError / ValueError for arguments of the wrong kind, FloatingPointError for a non-finite step.
     """
     config = _check_config(config, TrainingConfig.for_autoencoder(), "train_autoencoder", settings)
-    if not isinstance(autoencoder, AutoencoderKL):
-        raise TypeError(f"autoencoder must be an AutoencoderKL, got {type(autoencoder).__name__}")
+    if not isinstance(autoencoder, (AutoencoderKL, VQModel)):
+        raise TypeError(f"autoencoder must be an AutoencoderKL or a VQModel, got {type(autoencoder).__name__}")
     check_images(images, "images", autoencoder.in_channels, autoencoder.downsampling_factor)
     if not isinstance(kl_weight, numbers.Real) or not 0 <= kl_weight < math.inf:
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
@@ -356,11 +364,19 @@ def train_autoencoder(
         """The discriminator's patch logits, in its own dtype (a bf16 autoencoder may meet a float32 one)."""
         return discriminator(images.to(next(discriminator.parameters()).dtype))
 
+    def regularised_loss(x, generator):
+        """The first stage's own loss: the KL autoencoder's with its posterior noise ε for z = μ + σ ε (drawn for
+        the whole batch, this rank's slice used); the VQ model's with its codebook update (restarts drawn from
+        the same generator: every rank draws alike)."""
+        if isinstance(autoencoder, VQModel):
+            return autoencoder.training_loss(x, generator=generator)
+        noise = torch.randn(latent_shape, generator=generator)
+        return autoencoder.training_loss(x, kl_weight, noise=noise[mine].to(device))
+
     def loss_fn(generator, step):
         idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)  # the whole batch ...
-        noise = torch.randn(latent_shape, generator=generator)  # ... and its ε for z = μ + σ ε
         x = images[idx[mine]].to(device, dtype)  # ... of which this rank trains on its slice
-        loss, reconstruction, parts = autoencoder.training_loss(x, kl_weight, noise=noise[mine].to(device))
+        loss, reconstruction, parts = regularised_loss(x, generator)
         if discriminator is None or step < discriminator_start:
             return loss, parts, {}
         # Both terms see the discriminator as it is before this step's update (the order CompVis uses); its own
