@@ -21,7 +21,7 @@ from .class_embedder import ClassEmbedder, ClassEmbedderConfig
 from .classifier import SmallClassifier
 from .concat_conditioning import InpaintingCondition, LowResCondition
 from .data import LabeledImages
-from .demo import DemoConfig, build_autoencoder
+from .demo import DemoConfig, build_autoencoder, build_model
 from .dit import DiTConfig, DiTTransformer2DModel
 from .fid import dataset_classifier
 from .flow import FlowMatchSchedule
@@ -275,6 +275,7 @@ def mnist_dit_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike = 
     return _train_or_reuse(Path(artifacts) / f"ldm_mnist_dit_{current_profile()}", build, train.images[:n],
                            train.captions[:n], _short_budget(device), "the DiT model")
 
+
 # ---- notebook 13: conditioning by concatenation and by class -------------------------------------------------------
 
 
@@ -379,3 +380,21 @@ def mnist_class_ldm_or_train(train: LabeledImages, artifacts: str | os.PathLike 
     return _train_or_reuse(Path(artifacts) / f"class_ldm_mnist_{current_profile()}", build, train.images[:n], None,
                            _notebook_13_budget(device, 3.0), "the class-conditional model (ClassEmbedder)",
                            class_labels=train.labels[:n])
+
+
+# ---- notebook 14: editing with a trained model ---------------------------------------------------------------------
+
+
+def shapes_flow_or_train(train, artifacts: str | os.PathLike = "artifacts", device=None) -> LatentDiffusion:
+    """Notebook 14's text-to-image model of ShapesDataset: the demo's model (demo.build_model: its UNet, a text encoder
+    of the captions, a rectified flow) on the demo's autoencoder (shapes_autoencoder_or_train, notebook 13's), trained
+    on `train` (a ShapesDataset) with the demo's settings (batch 64, lr 1e-3, EMA 0.999) for 5 minutes at the cpu
+    profile, or loaded from artifacts/flow_shapes_{profile}. `.history` holds its losses."""
+    config = pick(ci=DemoConfig.smoke(), cpu=DemoConfig())
+    training = TrainingConfig(steps=pick(ci=30, cpu=20000), batch_size=pick(ci=8, cpu=config.ldm_batch_size),
+                              lr=config.ldm_lr, ema_decay=config.ema_decay, max_minutes=pick(ci=0.1, cpu=5.0),
+                              device=device, progress=False)
+    return _train_or_reuse(Path(artifacts) / f"flow_shapes_{current_profile()}",
+                           lambda: build_model(config, shapes_autoencoder_or_train(train, artifacts, device),
+                                               train.captions),
+                           train.images, train.captions, training, "the shapes flow (the demo's model)")

@@ -24,6 +24,7 @@ from . import (
     attention,
     autoencoder,
     conditioning,
+    editing,
     fast_samplers,
     flow_matching,
     forward_process,
@@ -39,7 +40,7 @@ from .core import Exercise, Mistake, evaluate
 __all__ = ["Exercise", "Mistake", "EXERCISES", "check", "describe", "names", "passed", "solution", "use"]
 
 _NOTEBOOKS = (forward_process, autoencoder, attention, unet, pixel_diffusion, latent_diffusion, samplers,
-              text_to_image, flow_matching, fast_samplers, vq, conditioning)  # in the course's order
+              text_to_image, flow_matching, fast_samplers, vq, conditioning, editing)  # in the course's order
 EXERCISES: dict[str, Exercise] = {exercise.name: exercise for module in _NOTEBOOKS for exercise in module.EXERCISES}
 
 
