@@ -30,6 +30,20 @@ PICKLE_HELP = (
 )
 
 
+def safetensors_in(folder, name: str):
+    """The weights file `name` (e.g. "model.safetensors") in a diffusers / transformers `folder`, a Path. Raises
+    ValueError when the folder holds only pickled weights (.bin, .ckpt, .pt, .pth: never unpickled) and
+    FileNotFoundError when it holds no weights at all."""
+    path = folder / name
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
+        if pickles:
+            raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickles)}), which minildm never "
+                             f"loads; it needs {name}. {PICKLE_HELP}")
+        raise FileNotFoundError(f"{folder} has no {name}")
+    return path
+
+
 def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Save a state dict as safetensors, atomically. Tensors are copied to CPU and made contiguous."""
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in tensors.items()):

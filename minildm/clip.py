@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import PICKLE_HELP, check_state_dict, load_weights, stored_dtype
+from .checkpoint import check_state_dict, load_weights, safetensors_in, stored_dtype
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -271,16 +271,10 @@ class CLIPTextModel(nn.Module):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a transformers CLIPTextModel folder: it has no config.json")
         weights_name = "model.safetensors" if variant is None else f"model.{variant}.safetensors"
-        weights = folder / weights_name
-        if not weights.is_file():
-            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
-            if pickles:
-                raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickles)}), which minildm "
-                                 f"never loads; it needs {weights_name}. {PICKLE_HELP}")
-            if (folder / f"{weights_name}.index.json").is_file():
-                raise ValueError(f"{folder} holds sharded weights ({weights_name}.index.json), which this loader "
-                                 f"does not read: SD text encoders fit in one file")
-            raise FileNotFoundError(f"{folder} has no {weights_name}")
+        if (folder / f"{weights_name}.index.json").is_file() and not (folder / weights_name).is_file():
+            raise ValueError(f"{folder} holds sharded weights ({weights_name}.index.json), which this loader "
+                             f"does not read: SD text encoders fit in one file")
+        weights = safetensors_in(folder, weights_name)  # refuses pickles, never opening them
         config_path = folder / "config.json"
         try:
             config = CLIPTextConfig.from_transformers(json.loads(config_path.read_text(encoding="utf-8")),

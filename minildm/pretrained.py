@@ -46,7 +46,7 @@ import torch
 
 from .atomic import atomic_directory, atomic_write_json
 from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import PICKLE_HELP, check_state_dict, load_weights, save_weights, stored_dtype
+from .checkpoint import check_state_dict, load_weights, safetensors_in, save_weights, stored_dtype
 from .samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
 from .schedule import NoiseSchedule
 from .unet import UNet2DConditionModel, UNetConfig
@@ -253,15 +253,8 @@ def read_config(path: Path) -> dict:
 
 
 def _weights_file(folder: Path, variant: str | None) -> Path:
-    name = WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
-    path = folder / name
-    if not path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".ckpt", ".pt", ".pth"})
-        if pickles:
-            raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickles)}), which minildm never "
-                             f"loads; it needs {name}. {PICKLE_HELP}")
-        raise FileNotFoundError(f"{folder} has no {name}")
-    return path
+    return safetensors_in(folder, WEIGHTS_NAME if variant is None else
+                          WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors"))
 
 
 def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
